@@ -1,0 +1,1 @@
+"""Cell data: the built-in synthetic generator, bag simulation and batching."""

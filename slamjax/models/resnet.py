@@ -1,0 +1,99 @@
+"""ResNet-18 encoder with an MLP projection head (Flax linen, BatchNorm).
+
+The encoder follows torchvision's ResNet-18 (7x7/2 stem, 3x3/2 max-pool, four
+stages of two basic blocks) with a configurable base width, so that small
+CPU runs can use a narrower network with the same topology.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> model = Encoder(width=16, proj_dims=(64, 64))
+  >>> x = jnp.zeros((2, 32, 32, 3))
+  >>> variables = model.init(jax.random.key(0), x, train=False)
+  >>> feats, z = model.apply(variables, x, train=False)
+  >>> feats.shape, z.shape
+  ((2, 128), (2, 64))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    # Zero-init of the last BN scale makes each block start as identity.
+    y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 trunk returning globally pooled features of size 8 * width."""
+  width: int = 64
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  conv: ModuleDef = nn.Conv
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
+                             padding="SAME",
+                             kernel_init=nn.initializers.variance_scaling(
+                                 2.0, "fan_out", "normal"))
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    x = conv(self.width, (7, 7), (2, 2), name="stem_conv")(x)
+    x = nn.relu(norm(name="stem_bn")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for i, n_blocks in enumerate(self.stage_sizes):
+      for j in range(n_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(self.width * 2**i, strides, conv=conv, norm=norm,
+                       name=f"stage{i + 1}_block{j + 1}")(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+class ProjectionHead(nn.Module):
+  """MLP head: Dense-ReLU-...-Dense (the reference uses 512-512-512)."""
+  dims: Sequence[int] = (512, 512)
+
+  @nn.compact
+  def __call__(self, x):
+    for i, d in enumerate(self.dims):
+      x = nn.Dense(d, name=f"dense{i + 1}")(x)
+      if i < len(self.dims) - 1:
+        x = nn.relu(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """ResNet-18 + projection head; returns (pooled features, projection)."""
+  width: int = 64
+  proj_dims: Sequence[int] = (512, 512)
+  conv: Callable[..., nn.Module] = nn.Conv
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    feats = ResNet18(width=self.width, conv=self.conv, name="backbone")(x, train)
+    z = ProjectionHead(self.proj_dims, name="head")(feats)
+    return feats, z
