@@ -1,0 +1,99 @@
+"""On-device image augmentations, as in the reference (all jit/vmap-able).
+
+The reference's positive-cell views use RandomCrop, RandomHorizontalFlip,
+ColorJitter(0.1, 0.1, 0.1, 0.1) with p=0.8 and a 90-degree rotation with
+p=0.8; its first negative view is a plain centre crop. Here the jitter ops
+run in a fixed order (brightness, contrast, saturation, hue) instead of
+torchvision's random order, and hue is rotated in YIQ space.
+
+Example:
+  >>> import jax, numpy as np
+  >>> imgs = np.zeros((4, 40, 40, 3), np.uint8)
+  >>> out = augment_batch(jax.random.key(0), imgs, crop_size=32)
+  >>> out.shape, out.dtype
+  ((4, 32, 32, 3), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+_GRAY = jnp.array([0.299, 0.587, 0.114])
+_RGB2YIQ = jnp.array([[0.299, 0.587, 0.114],
+                      [0.596, -0.274, -0.322],
+                      [0.211, -0.523, 0.312]])
+_YIQ2RGB = jnp.linalg.inv(_RGB2YIQ)
+
+
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """uint8 or [0, 1] float image -> (x - mean) / std, float32."""
+  if x.dtype == jnp.uint8:
+    x = x.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def center_crop(x: jax.Array, crop_size: int) -> jax.Array:
+  """Centre crop of a batch [B, H, W, C]."""
+  h, w = x.shape[1:3]
+  top, left = (h - crop_size) // 2, (w - crop_size) // 2
+  return x[:, top:top + crop_size, left:left + crop_size]
+
+
+def _color_jitter(key, img, strength):
+  kb, kc, ks, kh = jax.random.split(key, 4)
+  u = lambda k: jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
+  img = img * u(kb)
+  gray = img @ _GRAY
+  img = (img - gray.mean()) * u(kc) + gray.mean()
+  gray = (img @ _GRAY)[..., None]
+  img = (img - gray) * u(ks) + gray
+  theta = 2 * jnp.pi * jax.random.uniform(kh, (), minval=-strength, maxval=strength)
+  yiq = img @ _RGB2YIQ.T
+  c, s = jnp.cos(theta), jnp.sin(theta)
+  i, q = yiq[..., 1], yiq[..., 2]
+  yiq = jnp.stack([yiq[..., 0], c * i - s * q, s * i + c * q], axis=-1)
+  return jnp.clip(yiq @ _YIQ2RGB.T, 0.0, 1.0)
+
+
+def _augment_one(key, img, crop_size, flip, jitter_strength, jitter_prob,
+                 rot90_prob):
+  """img: float [H, W, 3] in [0, 1]."""
+  k_crop, k_flip, k_jp, k_j, k_rp, k_r = jax.random.split(key, 6)
+  h, w = img.shape[:2]
+  top = jax.random.randint(k_crop, (), 0, h - crop_size + 1)
+  left = jax.random.randint(jax.random.fold_in(k_crop, 1), (), 0, w - crop_size + 1)
+  img = jax.lax.dynamic_slice(img, (top, left, 0), (crop_size, crop_size, 3))
+  if flip:
+    img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
+  if jitter_strength > 0 and jitter_prob > 0:
+    img = jnp.where(jax.random.bernoulli(k_jp, jitter_prob),
+                    _color_jitter(k_j, img, jitter_strength), img)
+  if rot90_prob > 0:
+    k = jnp.where(jax.random.bernoulli(k_rp, rot90_prob),
+                  jax.random.randint(k_r, (), 1, 4), 0)
+    rots = jnp.stack([jnp.rot90(img, r) for r in range(4)])
+    img = rots[k]
+  return img
+
+
+def augment_batch(key: jax.Array, images: jax.Array, crop_size: int,
+                  flip: bool = True, jitter_strength: float = 0.1,
+                  jitter_prob: float = 0.8, rot90_prob: float = 0.8,
+                  mean: Sequence[float] = (0.5, 0.5, 0.5),
+                  std: Sequence[float] = (0.25, 0.25, 0.25)) -> jax.Array:
+  """Random view of every image in a uint8 batch [B, H, W, 3], normalised."""
+  x = images.astype(jnp.float32) / 255.0
+  keys = jax.random.split(key, x.shape[0])
+  x = jax.vmap(lambda k, im: _augment_one(
+      k, im, crop_size, flip, jitter_strength, jitter_prob, rot90_prob))(keys, x)
+  return normalize(x, mean, std)
+
+
+def eval_view(images: jax.Array, crop_size: int,
+              mean: Sequence[float] = (0.5, 0.5, 0.5),
+              std: Sequence[float] = (0.25, 0.25, 0.25)) -> jax.Array:
+  """Deterministic view (centre crop + normalisation) for negatives/eval."""
+  return normalize(center_crop(images, crop_size), mean, std)
