@@ -1,0 +1,66 @@
+"""Jitted, batched embedding extraction with a frozen encoder.
+
+Example:
+  >>> import numpy as np
+  >>> from configs import default
+  >>> from slamjax import pretrain, sharding
+  >>> cfg = default.get_config("quick")
+  >>> mesh = sharding.make_mesh(-1)
+  >>> model, tx, _ = pretrain.build(cfg, steps_per_epoch=1)
+  >>> state = pretrain.init_state(cfg, model, tx, mesh, image_size=40)
+  >>> emb = embed_images(cfg, model, state, np.zeros((5, 40, 40, 3), np.uint8), mesh)
+  >>> emb.shape
+  (5, 64)
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from slamjax import sharding
+from slamjax.data import augment
+
+
+def make_embed_fn(cfg, model, mesh):
+  """``fn(params, batch_stats, uint8 images) -> float32 embeddings`` (jitted)."""
+  a = cfg.augment
+  output = cfg.embed.output
+  if output not in ("projection", "backbone"):
+    raise ValueError(f"config.embed.output={output!r}; valid: 'projection', 'backbone'")
+
+  def fn(params, batch_stats, images):
+    x = augment.eval_view(images, a.crop_size, a.mean, a.std)
+    feats, z = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                           train=False)
+    return z if output == "projection" else feats
+
+  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh),
+                                   sharding.data_sharding(mesh)),
+                 out_shardings=sharding.data_sharding(mesh))
+
+
+def embed_images(cfg, model, state, images: np.ndarray, mesh,
+                 fn=None) -> np.ndarray:
+  """Embeds every image (uint8 [N,H,W,3]); the last batch is padded, not dropped."""
+  fn = fn or make_embed_fn(cfg, model, mesh)
+  bs = cfg.embed.batch_size
+  bs = max(mesh.size, bs - bs % mesh.size)
+  out = []
+  for start in range(0, len(images), bs):
+    chunk = images[start:start + bs]
+    n = len(chunk)
+    if n < bs:
+      chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
+    emb = fn(state.params, state.batch_stats, sharding.shard_batch(mesh, chunk))
+    out.append(np.asarray(jax.device_get(emb))[:n])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def embed_bags(cfg, model, state, pool, bagset, mesh) -> list[np.ndarray]:
+  """Embeds every cell of every bag; returns one [n_cells, D] array per bag."""
+  cells = np.concatenate(bagset.cells)
+  uniq, inverse = np.unique(cells, return_inverse=True)
+  emb = embed_images(cfg, model, state, pool.images[uniq], mesh)[inverse]
+  sizes = np.cumsum([len(c) for c in bagset.cells])[:-1]
+  return np.split(emb, sizes)

@@ -1,0 +1,1 @@
+"""Attention-MIL heads on frozen cell embeddings, with padded-bag batching."""

@@ -1,0 +1,259 @@
+"""SLAM-AGS pretraining: the pure train state, the jitted step and the loop.
+
+Two tasks share the encoder: task 0 is SimCLR (NT-Xent) on two augmented
+views of positive-bag cells; task 1 is the similarity loss on negative-bag
+cells (view 1 a centre crop, view 2 augmented, as in the reference). The step
+computes both per-task gradients in one backward pass: the encoder is applied
+to each task's cells with its own copy of the parameters, and differentiating
+the summed loss with respect to both copies yields the two gradients. They
+are stacked on a leading task axis and handed to a ``slamjax.surgery``
+transform, which sits first in the optax chain.
+
+Example (a two-step run on random cells):
+  >>> import numpy as np
+  >>> from configs import default
+  >>> cfg = default.get_config("quick")
+  >>> mesh = sharding.make_mesh(-1)
+  >>> model, tx, _ = build(cfg, steps_per_epoch=2)
+  >>> state = init_state(cfg, model, tx, mesh, image_size=40)
+  >>> step = make_train_step(cfg, model, tx, mesh)
+  >>> imgs = np.zeros((16, 40, 40, 3), np.uint8)
+  >>> state, m = step(state, sharding.shard_batch(mesh, {"pos": imgs, "neg": imgs}))
+  >>> sorted(k for k in m if k.startswith("loss"))
+  ['loss', 'loss_sim', 'loss_simclr']
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from slamjax import checkpoint as ckpt_lib
+from slamjax import losses
+from slamjax import progress as progress_lib
+from slamjax import sharding
+from slamjax import surgery
+from slamjax.data import augment
+from slamjax.data import batching
+from slamjax.models import resnet
+
+TASKS = ("simclr", "similarity")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> resnet.Encoder:
+  if cfg.model.name != "resnet18":
+    raise ValueError(f"config.model.name={cfg.model.name!r}; valid: ['resnet18']")
+  kwargs = {}
+  if "impl" in resnet.Encoder.__dataclass_fields__:
+    kwargs["impl"] = cfg.model.get("impl", "auto")
+  return resnet.Encoder(width=cfg.model.width,
+                        proj_dims=tuple(cfg.model.proj_dims), **kwargs)
+
+
+def build_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up then cosine decay to 0, per step."""
+  total = max(cfg.pretrain.epochs * steps_per_epoch, 1)
+  warmup = min(cfg.pretrain.warmup_epochs * steps_per_epoch, total - 1)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.pretrain.lr, warmup_steps=warmup, decay_steps=total, end_value=0.0)
+
+
+def build_surgery(cfg) -> optax.GradientTransformation:
+  name = cfg.pretrain.surgery
+  kwargs = dict(cfg.pretrain.get("surgery_kwargs", {}) or {})
+  return surgery.get(name, **kwargs)
+
+
+def build(cfg, steps_per_epoch: int):
+  """(model, optax chain, lr schedule): surgery -> weight decay -> SGD."""
+  schedule = build_schedule(cfg, steps_per_epoch)
+  tx = optax.chain(
+      build_surgery(cfg),
+      optax.add_decayed_weights(cfg.pretrain.weight_decay),  # torch-style L2
+      optax.sgd(schedule, momentum=cfg.pretrain.momentum))
+  return build_model(cfg), tx, schedule
+
+
+def init_state(cfg, model, tx, mesh, image_size: int) -> TrainState:
+  """Initialises the replicated train state directly on the mesh."""
+  crop = cfg.augment.crop_size
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((2, crop, crop, 3)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(cfg.seed + 1))
+
+  del image_size
+  rng = jax.random.PRNGKey(cfg.seed)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+
+
+def _views(cfg, rng, pos, neg):
+  a = cfg.augment
+  aug = functools.partial(
+      augment.augment_batch, crop_size=a.crop_size, flip=a.flip,
+      jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
+      rot90_prob=a.rot90_prob, mean=a.mean, std=a.std)
+  k1, k2, k3 = jax.random.split(rng, 3)
+  pos_views = jnp.concatenate([aug(k1, pos), aug(k2, pos)])
+  neg_views = jnp.concatenate([
+      augment.eval_view(neg, a.crop_size, a.mean, a.std), aug(k3, neg)])
+  return pos_views, neg_views
+
+
+def _tree_cos(a, b):
+  dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return dot / (optax.tree.norm(a) * optax.tree.norm(b) + 1e-20)
+
+
+def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
+  """Returns the jitted ``step(state, batch) -> (state, metrics)``.
+
+  ``batch`` is ``{"pos": uint8 [Bp,H,W,3], "neg": uint8 [Bn,H,W,3]}`` sharded
+  over the mesh's ``data`` axis. With ``per_task=False`` the step
+  differentiates the plain summed loss once (the benchmark baseline; the
+  optimizer must then not start with a surgery transform).
+  """
+  t, tb = cfg.pretrain.temperature, cfg.pretrain.base_temperature
+
+  def forward(params, batch_stats, x):
+    (feats, z), upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                  x, train=True, mutable=["batch_stats"])
+    return z, upd["batch_stats"]
+
+  def loss_fn(params_pos, params_neg, batch_stats, pos_views, neg_views):
+    # Each task gets its own forward (and BN statistics), as in the reference.
+    z_pos, batch_stats = forward(params_pos, batch_stats, pos_views)
+    z_neg, batch_stats = forward(params_neg, batch_stats, neg_views)
+    bp, bn = pos_views.shape[0] // 2, neg_views.shape[0] // 2
+    l_simclr = losses.nt_xent(z_pos[:bp], z_pos[bp:], t)
+    l_sim = losses.similarity_loss(z_neg[:bn], z_neg[bn:], t, tb)
+    zn = z_pos / jnp.linalg.norm(z_pos, axis=-1, keepdims=True)
+    aux = dict(loss_simclr=l_simclr, loss_sim=l_sim,
+               embed_std=jnp.mean(jnp.std(zn, axis=0)) * jnp.sqrt(zn.shape[-1]),
+               batch_stats=batch_stats)
+    return l_simclr + l_sim, aux
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    pos_views, neg_views = _views(cfg, rng, batch["pos"], batch["neg"])
+    if per_task:
+      grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+          state.params, state.params, state.batch_stats, pos_views, neg_views)
+      updates_in = jax.tree.map(lambda a, b: jnp.stack([a, b]), *grads)
+      extra = dict(grad_cos=_tree_cos(*grads),
+                   grad_norm_simclr=optax.tree.norm(grads[0]),
+                   grad_norm_sim=optax.tree.norm(grads[1]))
+    else:
+      updates_in, aux = jax.grad(
+          lambda p: loss_fn(p, p, state.batch_stats, pos_views, neg_views),
+          has_aux=True)(state.params)
+      extra = {}
+    updates, opt_state = tx.update(updates_in, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=aux["loss_simclr"] + aux["loss_sim"],
+                   loss_simclr=aux["loss_simclr"], loss_sim=aux["loss_sim"],
+                   embed_std=aux["embed_std"],
+                   update_norm=optax.tree.norm(updates),
+                   param_norm=optax.tree.norm(params), **extra)
+    for k, v in surgery.diagnostics(opt_state).items():
+      if k in ("weights", "cosine"):
+        continue
+      metrics[f"surgery/{k}"] = v
+    diag = surgery.diagnostics(opt_state)
+    if "weights" in diag:
+      for i, name in enumerate(TASKS):
+        metrics[f"surgery/weight_{name}"] = diag["weights"][i]
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=aux["batch_stats"], opt_state=opt_state)
+    return new_state, metrics
+
+  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
+  """Runs (or resumes) pretraining on the cells of the training bags.
+
+  Writes checkpoints to ``workdir/pretrain_ckpt``, TensorBoard summaries to
+  ``workdir/tb/pretrain`` and the metric history to
+  ``workdir/pretrain_metrics.jsonl``; returns the final train state.
+  """
+  train = bags["train"]
+  batcher = batching.ProportionalBatcher(
+      train.all_cells(1), train.all_cells(0), cfg.pretrain.batch_size,
+      seed=cfg.seed, multiple=mesh.size)
+  total = cfg.pretrain.epochs * batcher.steps_per_epoch
+  model, tx, schedule = build(cfg, batcher.steps_per_epoch)
+  state = init_state(cfg, model, tx, mesh, pool.images.shape[1])
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"))
+  start = 0
+  log_path = os.path.join(workdir, "pretrain_metrics.jsonl")
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    start = int(state.step)
+    print(f"pretrain: resumed from step {start}", flush=True)
+  _truncate_log(log_path, start)
+  print(f"pretrain: {len(batcher.pos_cells)} positive-bag and "
+        f"{len(batcher.neg_cells)} negative-bag cells; batch {batcher.b_pos}+"
+        f"{batcher.b_neg}; {batcher.steps_per_epoch} steps/epoch; {total} steps; "
+        f"surgery={cfg.pretrain.surgery}; {mesh.size} device(s)", flush=True)
+  step_fn = make_train_step(cfg, model, tx, mesh)
+  writer = progress_lib.create_writer(os.path.join(workdir, "tb", "pretrain"))
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in cfg.pretrain.items()})
+  prog = progress_lib.Progress("pretrain", total, cfg.pretrain.log_every_steps, start)
+  every = cfg.pretrain.log_every_steps
+  for step in range(start, total):
+    pos, neg = batcher.indices(step)
+    batch = sharding.shard_batch(mesh, {"pos": pool.images[pos],
+                                        "neg": pool.images[neg]})
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % every == 0 or done == total:
+      m = jax.device_get(metrics)
+      m["lr"] = float(schedule(step))
+      m["epoch"] = done / batcher.steps_per_epoch
+      progress_lib.check_finite(done, m)
+      writer.write_scalars(done, m)
+      with open(log_path, "a") as f:
+        f.write(json.dumps({"step": done, **{k: float(v) for k, v in m.items()}}) + "\n")
+      prog.update(done, {k: m[k] for k in ("loss_simclr", "loss_sim", "grad_cos") if k in m})
+    if done % cfg.pretrain.checkpoint_every_steps == 0 or done == total:
+      ckpt.save(done, state, force=True)
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  return state
+
+
+def _truncate_log(path: str, step: int) -> None:
+  """Drops history lines after ``step`` (logged after the last checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(keep)
