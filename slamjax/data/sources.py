@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from slamjax.data import folder
 from slamjax.data import pool as pool_lib
 from slamjax.data import synthetic
 
@@ -17,6 +18,7 @@ def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> pool_lib.CellPool:
 
 
 SOURCES = {"synthetic": _synthetic}
+SOURCES["folder"] = folder.pool_from_config
 
 
 def load_pool(cfg: ml_collections.ConfigDict, seed: int) -> pool_lib.CellPool:

@@ -1,0 +1,383 @@
+"""Class-folder image datasets: ``<root>/<class>/<file>.jpg`` -> ``CellPool``.
+
+Class names come from the sub-folders of ``root`` (sorted) or from a manifest
+CSV with ``label`` and ``file`` columns (``file`` relative to ``root``). Files
+are listed in a fixed order (class, then path), so the pool and every cell
+index are the same on every run. ``cell_ids`` are the paths relative to
+``root``, e.g. ``"lymphocyte/LY_1234.jpg"``.
+
+Decoding runs on a thread pool (PIL releases the GIL while decoding and
+resizing). Each image is converted to RGB, centre-cropped to a square if it is
+not one, and resized to ``image_size`` (antialiased bilinear).
+
+Errors name the offending path: an empty class folder, a class asked for that
+does not exist (the message lists the available ones), a file that is not an
+image, an image that does not decode. With ``skip_bad_files=True`` the last
+two are skipped instead and counted in the ``LoadReport``.
+
+Config (``config.data``) for ``source='folder'``:
+
+* ``root``: dataset folder.
+* ``image_size``: side of the square images in the pool (default 64).
+* ``classes``: optional class names to load (default: all).
+* ``manifest``: optional CSV path (relative to ``root`` or absolute).
+* ``dedup``: drop exact duplicate files (same bytes), keeping the first.
+* ``skip_bad_files``: skip undecodable/non-image files instead of failing.
+* ``max_per_class``: optional cap per class (a seeded random subset).
+* ``num_workers``: decode threads (default: CPU count).
+
+Example:
+  >>> import os, tempfile, numpy as np
+  >>> from PIL import Image
+  >>> root = tempfile.mkdtemp()
+  >>> for c in ("blast", "normal"):
+  ...   os.makedirs(os.path.join(root, c))
+  ...   for i in range(3):
+  ...     Image.new("RGB", (20, 20), (i, 0, 0)).save(f"{root}/{c}/{i}.png")
+  >>> pool, report = load_folder(root, image_size=8)
+  >>> pool.images.shape, pool.class_names, pool.cell_ids[0]
+  ((6, 8, 8, 3), ('blast', 'normal'), 'blast/0.png')
+  >>> report.counts
+  {'blast': 3, 'normal': 3}
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from slamjax.data import pool as pool_lib
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class FolderDataError(ValueError):
+  """A problem with the files of an image-folder dataset."""
+
+
+class BadFileError(FolderDataError):
+  """A file that is not an image or does not decode; names the file."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path}: {reason}; remove it or set "
+                     "config.data.skip_bad_files=True")
+    self.path, self.reason = path, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class FileIndex:
+  """The files of a dataset, in a fixed order, without pixels.
+
+  Attributes:
+    root: dataset folder.
+    paths: path of every file relative to ``root`` (also its cell id).
+    labels: int32 [N], index into ``class_names``.
+    class_names: class of every label.
+  """
+  root: str
+  paths: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def abspaths(self) -> list[str]:
+    return [os.path.join(self.root, p) for p in self.paths]
+
+  def counts(self) -> dict[str, int]:
+    return {c: int((self.labels == i).sum()) for i, c in enumerate(self.class_names)}
+
+  def select(self, keep: np.ndarray) -> "FileIndex":
+    keep = np.asarray(keep)
+    if keep.dtype == bool:
+      keep = np.flatnonzero(keep)
+    return FileIndex(self.root, tuple(self.paths[i] for i in keep),
+                     self.labels[keep], self.class_names)
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What loading found: counts per class and what was dropped, and why."""
+  counts: dict[str, int]
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+  @property
+  def num_skipped(self) -> int:
+    return len(self.skipped)
+
+  def format(self) -> str:
+    total = sum(self.counts.values())
+    width = max([len(c) for c in self.counts] + [5])
+    lines = [f"{c:<{width}} {n:>7}" for c, n in self.counts.items()]
+    lines.append(f"{'total':<{width}} {total:>7}")
+    if self.duplicates:
+      cross = [(d, k) for d, k in self.duplicates
+               if d.split("/")[0] != k.split("/")[0]]
+      lines.append(f"dropped {len(self.duplicates)} exact duplicate file(s)"
+                   + (f", {len(cross)} of them filed under another class: "
+                      + ", ".join(f"{d} (= {k})" for d, k in cross[:5])
+                      if cross else ""))
+    if self.skipped:
+      lines.append(f"skipped {len(self.skipped)} bad file(s): " + "; ".join(
+          f"{p}: {why}" for p, why in self.skipped[:5])
+                   + (" ..." if len(self.skipped) > 5 else ""))
+    return "\n".join(lines)
+
+
+def _is_hidden(name: str) -> bool:
+  return name.startswith(".") or name.startswith("__")
+
+
+def _check_classes(wanted: Sequence[str] | None, available: Sequence[str],
+                   where: str) -> list[str]:
+  if wanted is None:
+    return list(available)
+  wanted = list(wanted)
+  missing = [c for c in wanted if c not in available]
+  if missing:
+    raise FolderDataError(
+        f"Class(es) {missing} not found in {where}; available classes: "
+        f"{sorted(available)}")
+  if len(set(wanted)) != len(wanted):
+    raise FolderDataError(f"Class names repeat in {wanted}")
+  return wanted
+
+
+def scan_folder(root: str, *, classes: Sequence[str] | None = None,
+                manifest: str | None = None,
+                max_per_class: int | None = None, seed: int = 0,
+                skip_bad_files: bool = False,
+                skipped: list | None = None) -> FileIndex:
+  """Lists the image files of a class-folder dataset (no decoding).
+
+  Args:
+    root: dataset folder holding one sub-folder per class.
+    classes: class names to keep, in this label order (default: all, sorted).
+    manifest: CSV with columns ``label`` and ``file`` (relative to ``root``);
+      a relative ``manifest`` path is relative to ``root``.
+    max_per_class: keep at most this many files per class (seeded subset).
+    seed: seed of the ``max_per_class`` subset.
+    skip_bad_files: skip files without an image extension instead of raising.
+    skipped: a list that receives ``(path, reason)`` of every skipped file.
+
+  Raises:
+    FolderDataError: missing root, unknown class, empty class folder or
+      non-image file (unless skipped).
+  """
+  if not os.path.isdir(root):
+    raise FolderDataError(f"Dataset folder {root!r} does not exist")
+  skipped = [] if skipped is None else skipped
+  by_class: dict[str, list[str]] = {}
+  if manifest:
+    mpath = manifest if os.path.isabs(manifest) else os.path.join(root, manifest)
+    if not os.path.isfile(mpath):
+      raise FolderDataError(f"Manifest {mpath!r} does not exist")
+    with open(mpath, newline="") as f:
+      reader = csv.DictReader(f)
+      if not {"label", "file"} <= set(reader.fieldnames or ()):
+        raise FolderDataError(f"Manifest {mpath!r} needs columns 'label' and "
+                              f"'file', has {reader.fieldnames}")
+      for row in reader:
+        by_class.setdefault(row["label"], []).append(row["file"])
+    where = f"manifest {mpath!r}"
+  else:
+    for name in sorted(os.listdir(root)):
+      if not _is_hidden(name) and os.path.isdir(os.path.join(root, name)):
+        by_class[name] = []
+    where = f"{root!r}"
+  names = _check_classes(classes, sorted(by_class), where)
+
+  paths, labels = [], []
+  rng = np.random.default_rng([seed, 7])
+  for label, name in enumerate(names):
+    if manifest:
+      files = sorted(by_class[name])
+      for rel in files:
+        if not os.path.isfile(os.path.join(root, rel)):
+          raise FolderDataError(f"{rel}: listed in {where} but not found in {root!r}")
+    else:
+      files = []
+      for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel_dir = os.path.relpath(dirpath, root)
+        files += [os.path.join(rel_dir, fn).replace(os.sep, "/")
+                  for fn in filenames if not _is_hidden(fn)]
+      files.sort()
+    good = []
+    for rel in files:
+      if rel.lower().endswith(IMAGE_EXTENSIONS):
+        good.append(rel)
+      elif skip_bad_files:
+        skipped.append((rel, "not an image file"))
+      else:
+        raise BadFileError(os.path.join(root, rel), "not an image file (expected "
+                           f"one of {', '.join(IMAGE_EXTENSIONS)})")
+    if not good:
+      raise FolderDataError(
+          f"Class folder {os.path.join(root, name)!r} holds no image files"
+          + (f" ({len(files)} other file(s))" if files else ""))
+    if max_per_class is not None and len(good) > max_per_class:
+      keep = np.sort(rng.choice(len(good), max_per_class, replace=False))
+      good = [good[i] for i in keep]
+    paths += good
+    labels += [label] * len(good)
+  return FileIndex(root, tuple(paths), np.asarray(labels, np.int32), tuple(names))
+
+
+def decode_image(data: bytes, image_size: int | None, name: str = "<bytes>") -> np.ndarray:
+  """Decodes image bytes to uint8 [S, S, 3] (square centre crop + resize).
+
+  Raises:
+    FolderDataError: naming ``name`` if the bytes are not a decodable image.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.load()  # truncated/corrupt data fails here, not lazily later
+      img = img.convert("RGB")
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+    raise BadFileError(name, f"cannot decode image ({type(e).__name__}: {e})"
+                       ) from None
+  w, h = img.size
+  if w != h:
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+  if image_size is not None and img.size != (image_size, image_size):
+    img = img.resize((image_size, image_size), Image.BILINEAR)
+  return np.asarray(img, np.uint8)
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _map_threads(fn, items: Sequence, num_workers: int | None) -> Iterable:
+  workers = num_workers or os.cpu_count() or 1
+  if workers <= 1 or len(items) < 64:
+    return map(fn, items)
+  chunk = max(1, min(256, len(items) // (workers * 8)))
+  ex = concurrent.futures.ThreadPoolExecutor(workers)
+  try:
+    return list(ex.map(fn, items, chunksize=chunk))
+  finally:
+    ex.shutdown()
+
+
+def verify_files(index: FileIndex, *, num_workers: int | None = None,
+                 skip_bad_files: bool = False,
+                 skipped: list | None = None) -> FileIndex:
+  """Decodes every file once (in parallel) and drops or reports bad ones.
+
+  For the streaming pipeline, whose decode errors otherwise surface mid-run.
+  """
+  skipped = [] if skipped is None else skipped
+
+  def check(i):
+    p = index.paths[i]
+    try:
+      decode_image(_read(os.path.join(index.root, p)), None,
+                   os.path.join(index.root, p))
+      return None
+    except BadFileError as e:
+      return e
+
+  errors = list(_map_threads(check, range(len(index)), num_workers))
+  bad = [i for i, e in enumerate(errors) if e is not None]
+  if bad and not skip_bad_files:
+    raise errors[bad[0]]
+  skipped += [(index.paths[i], errors[i].reason) for i in bad]
+  return index.select(np.setdiff1d(np.arange(len(index)), bad))
+
+
+def load_folder(root: str, *, image_size: int | None = 64,
+                classes: Sequence[str] | None = None,
+                manifest: str | None = None, dedup: bool = False,
+                skip_bad_files: bool = False,
+                max_per_class: int | None = None, seed: int = 0,
+                num_workers: int | None = None) -> tuple[pool_lib.CellPool, LoadReport]:
+  """Scans and decodes a class-folder dataset into a ``CellPool``.
+
+  Args: see ``scan_folder``; plus ``image_size`` (None keeps the source size,
+  which must then be the same for all images), ``dedup`` (drop files whose
+  bytes equal an earlier file's; md5) and ``num_workers`` (decode threads).
+
+  Returns:
+    (pool, report). Every class requested must keep at least one image.
+  """
+  skipped: list[tuple[str, str]] = []
+  index = scan_folder(root, classes=classes, manifest=manifest,
+                      max_per_class=max_per_class, seed=seed,
+                      skip_bad_files=skip_bad_files, skipped=skipped)
+
+  def work(i):
+    rel = index.paths[i]
+    data = _read(os.path.join(root, rel))
+    digest = hashlib.md5(data).digest() if dedup else None
+    try:
+      return decode_image(data, image_size, os.path.join(root, rel)), digest, None
+    except BadFileError as e:
+      if not skip_bad_files:
+        raise
+      return None, digest, e.reason
+
+  results = _map_threads(work, range(len(index)), num_workers)
+  images, keep, seen, duplicates = [], [], {}, []
+  for i, (img, digest, err) in enumerate(results):
+    rel = index.paths[i]
+    if err is not None:
+      skipped.append((rel, err))
+      continue
+    if dedup:
+      if digest in seen:
+        duplicates.append((rel, seen[digest]))
+        continue
+      seen[digest] = rel
+    images.append(img)
+    keep.append(i)
+  index = index.select(np.asarray(keep, np.int64))
+  counts = index.counts()
+  empty = [c for c, n in counts.items() if n == 0]
+  if empty:
+    raise FolderDataError(f"No usable images left in class(es) {empty} of "
+                          f"{root!r} ({len(skipped)} bad file(s) skipped)")
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    raise FolderDataError(f"Images in {root!r} have different sizes {sorted(shapes)}; "
+                          "set config.data.image_size")
+  pool = pool_lib.CellPool(np.stack(images), index.labels, index.class_names,
+                           index.paths)
+  return pool, LoadReport(counts, skipped, duplicates)
+
+
+def resolve_root(root: str) -> str:
+  """``root`` as given if it exists, else relative to the repository root."""
+  if os.path.isabs(root) or os.path.isdir(root):
+    return root
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  alt = os.path.normpath(os.path.join(repo, root))
+  return alt if os.path.isdir(alt) else root
+
+
+def pool_from_config(cfg, seed: int) -> pool_lib.CellPool:
+  """``SOURCES['folder']``: loads ``cfg`` (``config.data``) and logs counts."""
+  root = resolve_root(cfg.root)
+  pool, report = load_folder(
+      root, image_size=cfg.get("image_size", 64), classes=cfg.get("classes"),
+      manifest=cfg.get("manifest"), dedup=cfg.get("dedup", False),
+      skip_bad_files=cfg.get("skip_bad_files", False),
+      max_per_class=cfg.get("max_per_class"), seed=seed,
+      num_workers=cfg.get("num_workers"))
+  print(f"data: loaded {len(pool)} cells of size {pool.images.shape[1]} from "
+        f"{root}:\n{report.format()}", flush=True)
+  return pool

@@ -1,0 +1,35 @@
+r"""Command line entry point (kept thin; the logic is in ``slamjax.train``).
+
+  python -m slamjax.main --config configs/default.py --workdir /tmp/slamjax
+  python -m slamjax.main --config configs/default.py:quick --workdir /tmp/q \
+      --config.pretrain.surgery=sum
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+  try:  # keep TensorFlow (used by clu writers and tf.data) off accelerators
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  from slamjax import train
+  print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
+        f"{jax.default_backend()} device(s)", flush=True)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,114 @@
+"""Results a person can look at: JSON, a markdown table and attention plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return "nan" if math.isnan(v) else f"{v:.3f}"
+  return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+  """Rows of dicts -> a markdown table with the given columns.
+
+  Example:
+    >>> print(markdown_table([{"a": 1, "b": 0.5}], ["a", "b"]))
+    | a | b |
+    |---|---|
+    | 1 | 0.500 |
+  """
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for r in rows:
+    lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, results: dict) -> str:
+  """Writes ``metrics.json`` and ``results.md``; returns the markdown."""
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  bag, ret = results["bag"], results["retrieval"]
+  md = ["# slamjax results", "",
+        f"Witness rate {results['witness_rate']}, bag size {results['bag_size']}, "
+        f"pretraining surgery `{results['surgery']}`, MIL head `{results['head']}`.", "",
+        "## Bag classification (test split)", "",
+        markdown_table([bag], ["num_bags", "f1", "auc", "accuracy", "sensitivity",
+                               "specificity"]), "",
+        f"## Witness retrieval by attention (top-{ret['k']}, positive test bags)", "",
+        markdown_table([ret], ["num_positive_bags", "witnesses_found_at_k",
+                               "num_witnesses", "precision_at_k", "recall_at_k",
+                               "average_precision"]), ""]
+  if "linear_probe" in results:
+    md += ["## Cell-level linear probes (test cells)", "",
+           markdown_table([results["linear_probe"]], list(results["linear_probe"])), ""]
+  if "timing_s" in results:
+    md += ["## Wall time (s)", "", markdown_table([results["timing_s"]],
+                                                  list(results["timing_s"])), ""]
+  text = "\n".join(md)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def plot_attention(path: str, images: list[np.ndarray], attention: list[np.ndarray],
+                   witness: list[np.ndarray], titles: list[str], top: int = 8) -> None:
+  """One row per bag: its top-``top`` cells by attention, witnesses in red."""
+  rows = len(images)
+  fig, axes = plt.subplots(rows, top, figsize=(1.6 * top, 1.9 * rows), squeeze=False)
+  for r in range(rows):
+    order = np.argsort(-attention[r], kind="stable")[:top]
+    for c in range(top):
+      ax = axes[r, c]
+      ax.set_xticks([]); ax.set_yticks([])
+      if c >= len(order):
+        ax.axis("off")
+        continue
+      i = order[c]
+      ax.imshow(images[r][i])
+      hit = bool(witness[r][i])
+      for s in ax.spines.values():
+        s.set_edgecolor("red" if hit else "0.7")
+        s.set_linewidth(3 if hit else 1)
+      ax.set_title(f"#{c + 1} a={attention[r][i]:.3f}", fontsize=7,
+                   color="red" if hit else "black")
+    axes[r, 0].set_ylabel(titles[r], fontsize=8)
+  fig.suptitle("Top-attention cells per test bag (red frame = true witness)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_pretrain_curves(path: str, history: list[dict]) -> None:
+  """Both task losses and the gradient cosine over pretraining steps."""
+  if not history:
+    return
+  steps = [h["step"] for h in history]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  axes[0].plot(steps, [h["loss_simclr"] for h in history], label="SimCLR (positive bags)")
+  axes[0].set_ylabel("NT-Xent loss")
+  axes[1].plot(steps, [h["loss_sim"] for h in history], color="C1",
+               label="similarity (negative bags)")
+  axes[1].set_ylabel("similarity loss")
+  if "grad_cos" in history[0]:
+    axes[2].plot(steps, [h["grad_cos"] for h in history], color="C2")
+    axes[2].axhline(0, color="0.5", lw=0.8)
+  axes[2].set_ylabel("cos(g_simclr, g_sim)")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(); axes[1].legend()
+  fig.suptitle("Pretraining: task losses and gradient agreement")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,152 @@
+"""The whole pipeline: cells -> bags -> SLAM-AGS pretraining -> embeddings ->
+MIL head -> bag predictions, witness retrieval, tables and plots.
+
+Everything is resumable: rerunning with the same workdir continues from the
+latest pretraining or MIL checkpoint.
+
+Example (what ``slamjax.main`` runs)::
+
+  from configs import default
+  results = train_and_evaluate(default.get_config("quick"), "/tmp/slamjax_quick")
+  results["bag"]["f1"], results["retrieval"]["recall_at_k"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from slamjax import config_check
+from slamjax import embed
+from slamjax import evaluate
+from slamjax import pretrain as pretrain_lib
+from slamjax import report
+from slamjax import sharding
+from slamjax.data import bags as bags_lib
+from slamjax.data import sources
+from slamjax.mil import train as mil_train
+
+
+def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
+  b = cfg.bags
+  return bags_lib.BagPlan(
+      normal_classes=pool.class_index(b.normal_classes),
+      abnormal_classes=pool.class_index(b.abnormal_classes),
+      witness_rate=b.witness_rate, bag_size=b.bag_size,
+      bags_per_split={k: tuple(v) for k, v in b.bags_per_split.items()},
+      split_fractions=dict(b.split_fractions) if b.split_fractions else None,
+      normal_proportions=tuple(b.normal_proportions) if b.normal_proportions else None,
+      reuse_cells=b.reuse_cells)
+
+
+def prepare_data(cfg):
+  """(pool, bags): loads the cell pool and simulates the bags of every split."""
+  pool = sources.load_pool(cfg.data, cfg.seed)
+  plan = make_bag_plan(cfg, pool)
+  plan.validate()
+  return pool, bags_lib.make_bags(pool.labels, plan, cfg.seed)
+
+
+def _write_bags(workdir, pool, bags):
+  out = {split: {"summary": bs.summary(),
+                 "bags": [{"label": int(y), "num_witnesses": int(w.sum()),
+                           "cell_ids": [pool.cell_ids[i] for i in c]}
+                          for c, y, w in zip(bs.cells, bs.bag_labels, bs.witness)]}
+         for split, bs in bags.items()}
+  out["pool_counts"] = pool.counts()
+  with open(os.path.join(workdir, "bags.json"), "w") as f:
+    json.dump(out, f)
+
+
+def linear_probe(train_x, train_y, test_x, test_y) -> dict:
+  """Logistic regression AUC / balanced accuracy of a cell-level probe."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  clf = make_pipeline(StandardScaler(), LogisticRegression(
+      C=0.1, max_iter=2000, class_weight="balanced"))
+  clf.fit(train_x, train_y)
+  p = clf.predict_proba(test_x)[:, 1]
+  return {"auc": float(roc_auc_score(test_y, p)),
+          "balanced_accuracy": float(balanced_accuracy_score(test_y, p >= 0.5))}
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  """Runs or resumes the pipeline; writes results under ``workdir``."""
+  config_check.validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  timing = {}
+  t0 = time.perf_counter()
+  mesh = sharding.make_mesh(cfg.mesh.data)
+  pool, bags = prepare_data(cfg)
+  _write_bags(workdir, pool, bags)
+  timing["data"] = time.perf_counter() - t0
+  print(f"data: {len(pool)} cells {pool.counts()}; " + "; ".join(
+      f"{s}: {b.num_bags} bags ({int(b.bag_labels.sum())} positive), "
+      f"witnesses/positive bag {sorted(set(b.num_witnesses[b.bag_labels == 1].tolist()))}"
+      for s, b in bags.items()), flush=True)
+
+  t0 = time.perf_counter()
+  if cfg.pretrain.epochs > 0:
+    state = pretrain_lib.pretrain(cfg, pool, bags, workdir, mesh)
+    model = pretrain_lib.build_model(cfg)
+    history = [json.loads(l) for l in open(os.path.join(workdir, "pretrain_metrics.jsonl"))]
+    report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
+  else:  # the "no pretraining" baseline: a randomly initialised encoder
+    model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
+    state = pretrain_lib.init_state(cfg, model, tx, mesh, pool.images.shape[1])
+  timing["pretrain"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  emb = {s: embed.embed_bags(cfg, model, state, pool, b, mesh) for s, b in bags.items()}
+  timing["embed"] = time.perf_counter() - t0
+  print(f"embed: {sum(len(e) for es in emb.values() for e in es)} cells -> "
+        f"dim {emb['train'][0].shape[1]} in {timing['embed']:.1f}s", flush=True)
+
+  t0 = time.perf_counter()
+  train, test = bags["train"], bags["test"]
+  mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, workdir, cfg.seed)
+  out = mil_train.predict(cfg.mil, mil_state, emb["test"])
+  timing["mil"] = time.perf_counter() - t0
+
+  probs = out["prob"][:, 0]
+  pos = np.flatnonzero(test.bag_labels == 1)
+  results = {
+      "witness_rate": cfg.bags.witness_rate, "bag_size": cfg.bags.bag_size,
+      "surgery": cfg.pretrain.surgery if cfg.pretrain.epochs > 0 else "none (random init)",
+      "head": cfg.mil.head,
+      "bag": evaluate.bag_metrics(test.bag_labels, probs),
+      "retrieval": evaluate.retrieval_metrics(
+          [out["attention"][i] for i in pos], [test.witness[i] for i in pos],
+          cfg.eval.top_k),
+      "per_bag": [{"label": int(y), "prob": float(p), "num_witnesses": int(w.sum())}
+                  for y, p, w in zip(test.bag_labels, probs, test.witness)],
+  }
+  if cfg.eval.get("linear_probe", True):
+    tr_x, te_x = np.concatenate(emb["train"]), np.concatenate(emb["test"])
+    tr_y, te_y = np.concatenate(train.witness), np.concatenate(test.witness)
+    tr_c, te_c = train.all_cells(), test.all_cells()
+    crop = lambda idx: np.asarray(embed.augment.center_crop(
+        pool.images[idx], cfg.augment.crop_size)).reshape(len(idx), -1) / 255.0
+    results["linear_probe"] = {
+        "raw_pixels_auc": linear_probe(crop(tr_c), tr_y, crop(te_c), te_y)["auc"],
+        "embedding_auc": linear_probe(tr_x, tr_y, te_x, te_y)["auc"]}
+  timing["total"] = sum(timing.values())
+  results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
+
+  show = list(pos[:cfg.eval.num_plot_bags])
+  if show:
+    report.plot_attention(
+        os.path.join(workdir, "attention_top_cells.png"),
+        [pool.images[test.cells[i]] for i in show], [out["attention"][i] for i in show],
+        [test.witness[i] for i in show],
+        [f"bag {i} p={probs[i]:.2f}\n{int(test.witness[i].sum())} witnesses" for i in show])
+  print(report.write_results(workdir, results), flush=True)
+  return results
