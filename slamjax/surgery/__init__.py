@@ -1,0 +1,75 @@
+"""Multi-task gradient surgery as optax transformations.
+
+Every transform takes updates whose leaves carry a leading task axis,
+``(T, *param.shape)`` (per-task gradients, e.g. ``jax.jacrev`` of a loss
+vector), and returns one combined update with the parameter shapes. Put it
+**first** in ``optax.chain``; do not wrap it in ``optax.MultiSteps`` /
+``apply_every`` (accumulate per-task gradients before the surgery instead).
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from slamjax import surgery
+>>> params = {'w': jnp.ones(3)}
+>>> def task_losses(p):            # two tasks -> loss vector of shape (2,)
+...   return jnp.stack([jnp.sum(p['w'] ** 2), -jnp.sum(p['w'])])
+>>> tx = optax.chain(surgery.adaptive_pcgrad(key=0, num_tasks=2), optax.sgd(0.1))
+>>> state = tx.init(params)
+>>> grads = jax.jacrev(task_losses)(params)        # leaves shaped (2, 3)
+>>> updates, state = tx.update(grads, state, params)
+>>> params = optax.apply_updates(params, updates)
+>>> sorted(surgery.diagnostics(state))
+['cos_mean', 'cos_min', 'cosine', 'norm_ratio', 'num_conflicts', 'task_norms', 'weights']
+
+Methods: :func:`sum_tasks`, :func:`mean_tasks`, :func:`pcgrad`,
+:func:`adaptive_pcgrad` (SLAM-AGS), :func:`gradvac`, :func:`cagrad`,
+:func:`mgda`, :func:`imtl_g`, :func:`aligned_mtl`, :func:`upgrad`,
+:func:`nash_mtl`; by name with :func:`get`. Helpers: :func:`shared_only`
+(surgery on shared parameters, heads summed), :func:`diagnostics`,
+:func:`gram_weighted` (write your own weighting), :func:`gram_matrix`,
+:func:`task_orders`, :func:`reduce_tasks`.
+
+This package imports only jax, numpy and optax.
+"""
+
+from slamjax.surgery._aligned_mtl import aligned_mtl
+from slamjax.surgery._base import (
+    SurgeryState,
+    WeightingContext,
+    diagnostics,
+    gram_matrix,
+    gram_weighted,
+    reduce_tasks,
+)
+from slamjax.surgery._cagrad import cagrad
+from slamjax.surgery._gradvac import gradvac
+from slamjax.surgery._imtl import imtl_g
+from slamjax.surgery._mgda import mgda
+from slamjax.surgery._nash_mtl import nash_mtl
+from slamjax.surgery._partition import shared_only
+from slamjax.surgery._pcgrad import adaptive_pcgrad, pcgrad, task_orders
+from slamjax.surgery._registry import get, names
+from slamjax.surgery._simple import mean_tasks, sum_tasks
+from slamjax.surgery._upgrad import upgrad
+
+__all__ = [
+    "SurgeryState",
+    "WeightingContext",
+    "adaptive_pcgrad",
+    "aligned_mtl",
+    "cagrad",
+    "diagnostics",
+    "get",
+    "gradvac",
+    "gram_matrix",
+    "gram_weighted",
+    "imtl_g",
+    "mean_tasks",
+    "mgda",
+    "names",
+    "nash_mtl",
+    "pcgrad",
+    "reduce_tasks",
+    "shared_only",
+    "sum_tasks",
+    "task_orders",
+    "upgrad",
+]

@@ -1,0 +1,85 @@
+"""Aligned-MTL (Senushkin et al., CVPR 2023): align the gradient system."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from slamjax.surgery._base import gram_weighted
+
+
+def aligned_mtl_weights(gram: jax.Array, pref: Optional[jax.Array] = None,
+                        scale_mode: str = "min") -> jax.Array:
+  """``w = B pref``, ``B = sqrt(sigma) V diag(lambda^-1/2) V^T`` on the rank."""
+  t = gram.shape[0]
+  dtype = gram.dtype
+  if pref is None:
+    pref = jnp.ones((t,), dtype)
+  lam, v = jnp.linalg.eigh(gram)  # ascending
+  tol = jnp.max(lam) * t * jnp.finfo(dtype).eps
+  keep = lam > tol
+  rank = jnp.sum(keep)
+  inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+  if scale_mode == "min":
+    sigma = jnp.min(jnp.where(keep, lam, jnp.inf))
+  elif scale_mode == "median":  # lower median of the kept eigenvalues
+    sigma = lam[jnp.clip(t - rank + (rank - 1) // 2, 0, t - 1)]
+  elif scale_mode == "rmse":  # torchjd's name: mean of the kept eigenvalues
+    sigma = jnp.sum(jnp.where(keep, lam, 0.0)) / jnp.maximum(rank, 1)
+  else:
+    raise ValueError(f"aligned_mtl: scale_mode must be 'min', 'median' or "
+                     f"'rmse', got {scale_mode!r}.")
+  sigma = jnp.where(rank > 0, sigma, 0.0)
+  b = jnp.sqrt(sigma) * (v * inv_sqrt) @ v.T
+  return b @ jnp.asarray(pref, dtype)
+
+
+def aligned_mtl(*, pref: Optional[Sequence[float]] = None,
+                scale_mode: str = "min", num_tasks: Optional[int] = None
+                ) -> optax.GradientTransformationExtraArgs:
+  """Aligned-MTL: make the task gradients orthogonal with equal norms.
+
+  Senushkin et al., "Independent Component Alignment for Multi-Task
+  Learning" (CVPR 2023). With the gradient matrix ``J^T = U S V^T`` (thin
+  SVD, rank ``r``), the aligned gradients are ``sigma U V^T`` (all singular
+  values set to ``sigma``: the smallest non-zero one by default) and ``out =
+  sigma U V^T pref = J^T B pref`` with ``B = sqrt(lambda_min) V
+  diag(lambda^-1/2) V^T`` from the eigendecomposition of ``G``; eigenvalues
+  below ``max(lambda) * T * eps`` are dropped (as in LibMTL and torchjd).
+  Invariant to permuting the tasks (together with ``pref``).
+
+  Args:
+    pref: ``(T,)`` task preferences; default ones (LibMTL's
+      ``alpha = B.sum(0)``; torchjd's default is ``1/T``, i.e. ``T`` times
+      smaller).
+    scale_mode: ``'min'`` (paper, default), ``'median'`` or ``'rmse'``
+      (torchjd's name for the mean kept eigenvalue).
+    num_tasks: number of tasks, for a fixed-shape state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from slamjax import surgery
+    >>> tx = surgery.aligned_mtl(num_tasks=2)
+    >>> g = {'w': jnp.array([[3., 0.], [0., 1.]])}   # already orthogonal
+    >>> out, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out['w']   # both rescaled to the smallest norm, then summed
+    Array([1., 1.], dtype=float32)
+  """
+  pref_arr = None if pref is None else jnp.asarray(pref, jnp.float32)
+  if scale_mode not in ("min", "median", "rmse"):
+    raise ValueError(f"aligned_mtl: scale_mode must be 'min', 'median' or "
+                     f"'rmse', got {scale_mode!r}.")
+
+  def weighting(ctx):
+    if pref_arr is not None and pref_arr.shape != (ctx.gram.shape[0],):
+      raise ValueError(f"aligned_mtl: pref has shape {pref_arr.shape}, "
+                       f"expected ({ctx.gram.shape[0]},).")
+    return aligned_mtl_weights(ctx.gram, pref_arr, scale_mode), ctx.inner
+
+  return gram_weighted(weighting, name="aligned_mtl", num_tasks=num_tasks)
