@@ -244,6 +244,9 @@ def decode_image(data: bytes, image_size: int | None, name: str = "<bytes>") -> 
     with Image.open(io.BytesIO(data)) as img:
       img.load()  # truncated/corrupt data fails here, not lazily later
       img = img.convert("RGB")
+  except Image.UnidentifiedImageError:
+    raise BadFileError(name, "cannot decode image (not a recognised image "
+                       "format)") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
     raise BadFileError(name, f"cannot decode image ({type(e).__name__}: {e})"
                        ) from None
