@@ -24,8 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"
   c.data.image_size = 40
-  c.data.num_per_class = {"normal": 300 if quick else 4200,
-                          "blast": 60 if quick else 420}
+  c.data.num_per_class = {"normal": 300 if quick else 4000,
+                          "blast": 60 if quick else 240}
 
   # Bags: cells are split train/test first, then bagged per split.
   c.bags = ml_collections.ConfigDict()
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bags.abnormal_classes = ("blast",)
   c.bags.normal_proportions = None
   c.bags.witness_rate = 0.1
-  c.bags.bag_size = 20 if quick else 100
+  c.bags.bag_size = 20 if quick else 50
   c.bags.bags_per_split = {"train": (3, 3) if quick else (20, 20),
                            "test": (3, 3) if quick else (20, 20)}
   c.bags.split_fractions = None

@@ -79,7 +79,7 @@ def build_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
 def build_surgery(cfg) -> optax.GradientTransformation:
   name = cfg.pretrain.surgery
   kwargs = dict(cfg.pretrain.get("surgery_kwargs", {}) or {})
-  return surgery.get(name, **kwargs)
+  return surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
 
 
 def build(cfg, steps_per_epoch: int):
@@ -178,13 +178,11 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
                    update_norm=optax.tree.norm(updates),
                    param_norm=optax.tree.norm(params), **extra)
     for k, v in surgery.diagnostics(opt_state).items():
-      if k in ("weights", "cosine"):
-        continue
-      metrics[f"surgery/{k}"] = v
-    diag = surgery.diagnostics(opt_state)
-    if "weights" in diag:
-      for i, name in enumerate(TASKS):
-        metrics[f"surgery/weight_{name}"] = diag["weights"][i]
+      if v.ndim == 0:
+        metrics[f"surgery/{k}"] = v
+      elif v.shape == (len(TASKS),):  # per-task vectors, e.g. weights
+        for i, name in enumerate(TASKS):
+          metrics[f"surgery/{k}_{name}"] = v[i]
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=aux["batch_stats"], opt_state=opt_state)
     return new_state, metrics

@@ -110,6 +110,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   print(f"embed: {sum(len(e) for es in emb.values() for e in es)} cells -> "
         f"dim {emb['train'][0].shape[1]} in {timing['embed']:.1f}s", flush=True)
 
+  # Standardise with training-bag statistics: projection outputs have an
+  # arbitrary scale, which otherwise saturates the head at initialisation.
+  flat = np.concatenate(emb["train"])
+  mu, sd = flat.mean(0), flat.std(0) + 1e-6
+  emb = {s: [(e - mu) / sd for e in es] for s, es in emb.items()}
+
   t0 = time.perf_counter()
   train, test = bags["train"], bags["test"]
   mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, workdir, cfg.seed)

@@ -42,18 +42,19 @@ class Morphology:
 
 
 MORPHOLOGIES: dict[str, Morphology] = {
-    # Small mature lymphocyte-like cell: round dense nucleus, thin rim.
+    # Mature lymphocyte-like cell: round nucleus, coarse clumped chromatin.
     "normal": Morphology(
-        cell_radius=(0.20, 0.30), nucleus_ratio=(0.70, 0.85), lobularity=0.03,
-        lobes=(2, 3), eccentricity=(0.85, 1.0), nucleus_offset=0.10,
-        texture_scale=3.0, texture_contrast=0.18, nucleoli=(0, 0),
-        nucleus_rgb=(0.33, 0.18, 0.45), cytoplasm_rgb=(0.62, 0.66, 0.85)),
-    # Blast-like: larger, irregular nucleus, fine open chromatin, nucleoli.
+        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.04,
+        lobes=(2, 4), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
+        texture_scale=2.6, texture_contrast=0.22, nucleoli=(0, 1),
+        nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
+    # Blast-like: same size and stain range, but an irregular (notched,
+    # lobulated) nucleus, fine open chromatin and visible nucleoli.
     "blast": Morphology(
-        cell_radius=(0.24, 0.34), nucleus_ratio=(0.72, 0.88), lobularity=0.13,
-        lobes=(3, 6), eccentricity=(0.75, 1.0), nucleus_offset=0.15,
-        texture_scale=1.2, texture_contrast=0.30, nucleoli=(1, 3),
-        nucleus_rgb=(0.42, 0.26, 0.55), cytoplasm_rgb=(0.55, 0.60, 0.84)),
+        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.11,
+        lobes=(3, 6), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
+        texture_scale=1.0, texture_contrast=0.22, nucleoli=(1, 2),
+        nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
     # Erythroblast-like: small, very round dark nucleus, pinkish cytoplasm.
     "erythroblast": Morphology(
         cell_radius=(0.18, 0.26), nucleus_ratio=(0.55, 0.70), lobularity=0.02,
@@ -96,7 +97,7 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
   s = image_size
   px = s / 64.0  # texture and blur sizes are specified at 64 px
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-  stain = 1.0 + rng.normal(0.0, 0.06, 3)  # per-crop stain colour shift
+  stain = 1.0 + rng.normal(0.0, 0.08, 3)  # per-crop stain colour shift
   img = np.broadcast_to(_BACKGROUND_RGB * stain, (s, s, 3)).copy()
 
   # Background red-cell discs with a pale centre, partly outside the crop.
