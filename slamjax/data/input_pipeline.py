@@ -98,7 +98,12 @@ def epoch_index_fn(n: int, batch_size: int, seed: int,
 
 def _decode(data: tf.Tensor, image_size: int) -> tf.Tensor:
   """Bytes -> uint8 [S, S, 3]: decode, centre square crop, antialiased resize."""
-  img = tf.io.decode_image(data, channels=3, expand_animations=False)
+  # JPEG with the accurate integer DCT, as PIL, so the in-memory and the
+  # streaming paths see (nearly) the same pixels.
+  img = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
   shape = tf.shape(img)
   h, w = shape[0], shape[1]
   s = tf.minimum(h, w)
