@@ -44,11 +44,11 @@ def _cagrad_simplex(gn, b, cn, max_iter, qp_max_iter):
                      jnp.inf)
 
   def cond(carry):
-    _, _, _, _, it, done = carry
-    return (~done) & (it < max_iter)
+    return (~carry[-1]) & (carry[-2] < max_iter)
 
   def body(carry):
-    t, w, lo, hi, it, _ = carry
+    t, _, _, lo, hi, it, _ = carry
+    w = qp(t)
     phi = cn**2 * t**2 - w @ gn @ w
     lo = jnp.where(phi < 0, t, lo)
     hi = jnp.where(phi >= 0, t, hi)
@@ -57,11 +57,12 @@ def _cagrad_simplex(gn, b, cn, max_iter, qp_max_iter):
     mid = jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi)
     t_new = jnp.where(inside, cand, mid)
     done = jnp.abs(t_new - t) <= 1e-7 * t_new
-    return t_new, qp(t_new), lo, hi, it + 1, done
+    return t_new, w, t, lo, hi, it + 1, done
 
-  t0 = hi0
-  init = (t0, qp(t0), jnp.zeros((), dtype), hi0, 0, jnp.zeros((), bool))
-  t, w, _, _, _, _ = jax.lax.while_loop(cond, body, init)
+  init = (hi0, jnp.zeros((t_dim,), dtype), hi0, jnp.zeros((), dtype),
+          hi0 * 1.0001, 0, jnp.zeros((), bool))
+  # (w, t) of the last evaluated point; on convergence t_new ~ t.
+  _, w, t, _, _, _, _ = jax.lax.while_loop(cond, body, init)
   return w, t
 
 

@@ -40,14 +40,15 @@ def gradvac_weights(gram: jax.Array, rho_target: jax.Array,
     adjust = (rho < target) & ok & (s_t > 0)
     coef = n_i * (target * s_r - rho * s_t) / jnp.where(
         adjust, n_j * s_t, 1.0)
-    w = w.at[rows, j].add(jnp.where(adjust, coef, 0.0))
-    rho_t = rho_t.at[rows, j].set((1.0 - beta) * target + beta * rho)
+    onehot = j[:, None] == rows[None, :]  # entry (i, j_i)
+    w = w + jnp.where(adjust, coef, 0.0)[:, None] * onehot
+    new_target = (1.0 - beta) * target + beta * rho
+    rho_t = jnp.where(onehot, new_target[:, None], rho_t)
     return w, rho_t
 
   w, rho_t = jax.lax.fori_loop(
       0, orders.shape[1], body,
-      (jnp.eye(t, dtype=gram.dtype), rho_target.astype(gram.dtype)),
-      unroll=True)
+      (jnp.eye(t, dtype=gram.dtype), rho_target.astype(gram.dtype)))
   return jnp.sum(w, axis=0), rho_t
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from slamjax.surgery._base import gram_weighted
+from slamjax.surgery._qp import small_solve
 
 
 class NashMTLInner(NamedTuple):
@@ -42,7 +43,7 @@ def nash_mtl_weights(gram: jax.Array, alpha0: Optional[jax.Array] = None,
   def body(_, a):
     g = gn @ a - 1.0 / a
     h = gn + jnp.diag(1.0 / a**2)
-    d = jnp.linalg.solve(h, g)
+    d = small_solve(h, g)
     lam = jnp.sqrt(jnp.maximum(g @ d, 0.0))
     step = jnp.where(lam > 0.25, 1.0 / (1.0 + lam), 1.0)
     a_new = a - step * d

@@ -41,9 +41,8 @@ def task_orders(key: jax.Array, num_tasks: int, shuffle: bool = True
   if t < 2:
     return jnp.zeros((t, 0), jnp.int32)
   rows = jnp.arange(t)
-  if shuffle:
-    perms = jax.vmap(lambda k: jax.random.permutation(k, t - 1))(
-        jax.random.split(key, t))
+  if shuffle:  # independent uniform permutations: argsort of uniforms
+    perms = jnp.argsort(jax.random.uniform(key, (t, t - 1)), axis=1)
   else:
     perms = jnp.broadcast_to(jnp.arange(t - 1), (t, t - 1))
   # Map 0..T-2 onto the tasks other than i.
@@ -69,10 +68,11 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
     gjj = diag[j]
     proj = (d < 0) & (gjj > 0)
     coef = jnp.where(proj, d / jnp.where(proj, gjj, 1.0), 0.0)
-    return w.at[rows, j].add(-coef)
+    onehot = (j[:, None] == rows[None, :]).astype(w.dtype)  # W[i, j_i]
+    return w - coef[:, None] * onehot
 
   w = jax.lax.fori_loop(0, orders.shape[1], body,
-                        jnp.eye(t, dtype=gram.dtype), unroll=True)
+                        jnp.eye(t, dtype=gram.dtype))
   return jnp.sum(w, axis=0)
 
 
