@@ -58,8 +58,8 @@ def mgda(*, reg_eps: float = 1e-7, max_iter: Optional[int] = None,
     >>> tx = surgery.mgda(num_tasks=2)
     >>> g = {'w': jnp.array([[2., 0.], [0., 1.]])}
     >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
-    >>> out['w'].round(4), state.weights.round(4)  # min-norm point of the segment
-    (Array([0.4, 0.8], dtype=float32), Array([0.2, 0.8], dtype=float32))
+    >>> [round(float(x), 4) for x in (*out['w'], *state.weights)]  # min-norm point
+    [0.4, 0.8, 0.2, 0.8]
   """
 
   def weighting(ctx):

@@ -88,8 +88,8 @@ def nash_mtl(*, update_weights_every: int = 1, num_iters: int = 20,
     >>> tx = surgery.nash_mtl(num_tasks=2)
     >>> g = {'w': jnp.array([[1., 0.], [0., 4.]])}
     >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
-    >>> state.weights.round(4)  # alpha_t = 1 / sqrt(G_n[t, t]), ||G||_F = 16.03
-    Array([4.0039, 1.001 ], dtype=float32)
+    >>> [round(float(a), 4) for a in state.weights]  # 1/sqrt(G_n[t, t]), ||G||_F=16.03
+    [4.0039, 1.001]
   """
   if update_weights_every < 1:
     raise ValueError("nash_mtl: update_weights_every must be >= 1.")

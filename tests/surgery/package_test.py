@@ -1,0 +1,59 @@
+"""Package hygiene: import footprint and the docstring examples."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+from slamjax import surgery
+
+_MODULES = ["slamjax.surgery", "slamjax.surgery._base",
+            "slamjax.surgery._simple", "slamjax.surgery._pcgrad",
+            "slamjax.surgery._gradvac", "slamjax.surgery._cagrad",
+            "slamjax.surgery._mgda", "slamjax.surgery._imtl",
+            "slamjax.surgery._aligned_mtl", "slamjax.surgery._upgrad",
+            "slamjax.surgery._nash_mtl", "slamjax.surgery._partition",
+            "slamjax.surgery._registry"]
+
+
+def test_import_pulls_in_only_jax_numpy_optax():
+  code = (
+      "import sys, jax, numpy, optax\n"
+      "before = set(sys.modules)\n"
+      "import slamjax.surgery\n"
+      "new = sorted(m for m in set(sys.modules) - before\n"
+      "             if m.split('.')[0] != 'slamjax')\n"
+      "bad = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+      "             ('flax', 'tensorflow', 'tensorboard', 'clu', 'orbax',\n"
+      "              'tensorflow_datasets', 'torch', 'chex'))\n"
+      "assert not new and not bad, (new, bad)\n"
+      "print(sorted(m for m in sys.modules if m.startswith('slamjax')))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, env=env, timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert "'slamjax.surgery'" in res.stdout
+  # Only the (empty) top-level package besides slamjax.surgery itself.
+  assert all(m == "slamjax" or m.startswith("slamjax.surgery")
+             for m in eval(res.stdout))
+
+
+def test_every_public_function_has_an_example():
+  for name in surgery.__all__:
+    obj = getattr(surgery, name)
+    if inspect.isfunction(obj):
+      assert ">>>" in (obj.__doc__ or ""), name
+
+
+@pytest.mark.parametrize("module", _MODULES)
+def test_docstring_examples_run(module):
+  mod = importlib.import_module(module)
+  res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE,
+                        verbose=False)
+  assert res.failed == 0
