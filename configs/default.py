@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name
+  # Loss weights of (SimCLR, similarity); (1, 0) / (0, 1) give the
+  # single-task baselines.
+  c.pretrain.task_weights = (1.0, 1.0)
   c.pretrain.epochs = 2 if quick else 20
   c.pretrain.batch_size = 32 if quick else 128
   c.pretrain.lr = 0.05

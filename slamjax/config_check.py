@@ -30,7 +30,7 @@ SCHEMA = {
     "pretrain": {"surgery", "surgery_kwargs", "epochs", "batch_size", "lr",
                  "momentum", "weight_decay", "warmup_epochs", "temperature",
                  "base_temperature", "checkpoint_every_steps", "log_every_steps",
-                 "method"},
+                 "task_weights"},
     "embed": {"batch_size", "output"},
     "mil": None,  # head-specific keys; validated by the head registry
     "eval": {"top_k", "num_plot_bags", "linear_probe"},

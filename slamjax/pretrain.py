@@ -153,7 +153,8 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
     aux = dict(loss_simclr=l_simclr, loss_sim=l_sim,
                embed_std=jnp.mean(jnp.std(zn, axis=0)) * jnp.sqrt(zn.shape[-1]),
                batch_stats=batch_stats)
-    return l_simclr + l_sim, aux
+    w = cfg.pretrain.get("task_weights", (1.0, 1.0))
+    return w[0] * l_simclr + w[1] * l_sim, aux
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
