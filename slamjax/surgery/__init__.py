@@ -12,10 +12,13 @@ vector), and returns one combined update with the parameter shapes. Put it
 >>> def task_losses(p):            # two tasks -> loss vector of shape (2,)
 ...   return jnp.stack([jnp.sum(p['w'] ** 2), -jnp.sum(p['w'])])
 >>> tx = optax.chain(surgery.adaptive_pcgrad(key=0, num_tasks=2), optax.sgd(0.1))
+>>> @jax.jit
+... def train_step(params, state):
+...   grads = jax.jacrev(task_losses)(params)      # leaves shaped (2, 3)
+...   updates, state = tx.update(grads, state, params)
+...   return optax.apply_updates(params, updates), state
 >>> state = tx.init(params)
->>> grads = jax.jacrev(task_losses)(params)        # leaves shaped (2, 3)
->>> updates, state = tx.update(grads, state, params)
->>> params = optax.apply_updates(params, updates)
+>>> params, state = train_step(params, state)
 >>> sorted(surgery.diagnostics(state))
 ['cos_mean', 'cos_min', 'cosine', 'norm_ratio', 'num_conflicts', 'task_norms', 'weights']
 

@@ -466,13 +466,13 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     tree order) are prefixed ``f"{i}/"``.
 
   Example:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> from slamjax import surgery
     >>> tx = optax.chain(surgery.pcgrad(key=0, num_tasks=2), optax.sgd(0.1))
     >>> params = {'w': jnp.zeros(2)}
     >>> state = tx.init(params)
-    >>> _, state = tx.update({'w': jnp.array([[1., 0.], [-1., 1.]])}, state,
-    ...                      params)
+    >>> g = {'w': jnp.array([[1., 0.], [-1., 1.]])}
+    >>> _, state = jax.jit(tx.update)(g, state, params)
     >>> d = surgery.diagnostics(state)
     >>> int(d['num_conflicts']), d['weights']
     (1, Array([2. , 1.5], dtype=float32))

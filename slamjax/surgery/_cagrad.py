@@ -118,11 +118,11 @@ def cagrad(*, c: float = 0.5, rescale: int = 1, max_iter: int = 30,
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from slamjax import surgery
     >>> tx = surgery.cagrad(c=0.0, rescale=0, num_tasks=2)  # c = 0: the mean
     >>> g = {'w': jnp.array([[1., 0.], [-1., 1.]])}
-    >>> out, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out, _ = jax.jit(tx.update)(g, tx.init({'w': jnp.zeros(2)}))
     >>> out['w']
     Array([0. , 0.5], dtype=float32)
   """

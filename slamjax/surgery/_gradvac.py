@@ -83,12 +83,12 @@ def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
     for ``'model'``).
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from slamjax import surgery
     >>> tx = surgery.gradvac(key=0, beta=0.5, num_tasks=2)
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> g = {'w': jnp.array([[1., 0.], [1., 1.]])}   # cosine 0.71
-    >>> _, state = tx.update(g, state)
+    >>> _, state = jax.jit(tx.update)(g, state)
     >>> state.inner[0, 0, 1]   # target moved halfway from 0 to 0.71
     Array(0.35355338, dtype=float32)
   """

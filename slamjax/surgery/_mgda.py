@@ -53,11 +53,11 @@ def mgda(*, reg_eps: float = 1e-7, max_iter: Optional[int] = None,
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from slamjax import surgery
     >>> tx = surgery.mgda(num_tasks=2)
     >>> g = {'w': jnp.array([[2., 0.], [0., 1.]])}
-    >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out, state = jax.jit(tx.update)(g, tx.init({'w': jnp.zeros(2)}))
     >>> [round(float(x), 4) for x in (*out['w'], *state.weights)]  # min-norm point
     [0.4, 0.8, 0.2, 0.8]
   """

@@ -83,11 +83,11 @@ def nash_mtl(*, update_weights_every: int = 1, num_iters: int = 20,
     ``state.inner.alpha`` holds the last solution.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from slamjax import surgery
     >>> tx = surgery.nash_mtl(num_tasks=2)
     >>> g = {'w': jnp.array([[1., 0.], [0., 4.]])}
-    >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out, state = jax.jit(tx.update)(g, tx.init({'w': jnp.zeros(2)}))
     >>> [round(float(a), 4) for a in state.weights]  # 1/sqrt(G_n[t, t]), ||G||_F=16.03
     [4.0039, 1.001]
   """

@@ -107,12 +107,12 @@ def pcgrad(key: Any = 0, *, shuffle: bool = True,
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
 
   Example:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> from slamjax import surgery
     >>> tx = optax.chain(surgery.pcgrad(key=0, num_tasks=2), optax.sgd(1.0))
     >>> params = {'w': jnp.zeros(2)}
     >>> g = {'w': jnp.array([[1., 0.], [-1., 1.]])}  # conflicting tasks
-    >>> out, _ = tx.update(g, tx.init(params), params)
+    >>> out, _ = jax.jit(tx.update)(g, tx.init(params), params)
     >>> out['w']  # -(gpc_1 + gpc_2) = -((.5, .5) + (0, 1))
     Array([-0.5, -1.5], dtype=float32)
   """
@@ -150,11 +150,11 @@ def adaptive_pcgrad(key: Any = 0, *, eps: float = 1e-12, shuffle: bool = True,
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
 
   Example:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> from slamjax import surgery
     >>> tx = surgery.adaptive_pcgrad(key=0, num_tasks=2)
     >>> g = {'w': jnp.array([[3., 0.], [-1., 1.]])}
-    >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out, state = jax.jit(tx.update)(g, tx.init({'w': jnp.zeros(2)}))
     >>> bool(jnp.allclose(optax.tree.norm(out), jnp.linalg.norm(g['w'].sum(0))))
     True
   """

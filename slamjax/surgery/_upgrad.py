@@ -70,11 +70,11 @@ def upgrad(*, pref: Optional[Sequence[float]] = None, norm_eps: float = 1e-4,
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from slamjax import surgery
     >>> tx = surgery.upgrad(num_tasks=2)
     >>> g = {'w': jnp.array([[1., 0.], [-1., 1.]])}
-    >>> out, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+    >>> out, state = jax.jit(tx.update)(g, tx.init({'w': jnp.zeros(2)}))
     >>> g['w'] @ out['w'] >= 0   # no task is made worse
     Array([ True,  True], dtype=bool)
   """

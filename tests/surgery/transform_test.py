@@ -162,33 +162,55 @@ def test_shared_only_applies_surgery_to_shared_params_and_sums_heads():
   g = _grads(2)
   updates, state = jax.jit(tx.update)(g, state, PARAMS)
 
-  # The trunk gets exactly what MGDA gives on the trunk alone ...
-  trunk_tx = surgery.mgda(num_tasks=2)
-  trunk_out, trunk_state = trunk_tx.update(g["trunk"], trunk_tx.init(None))
-  for k in ("w", "b"):
-    np.testing.assert_allclose(updates["trunk"][k], -trunk_out[k], atol=1e-6)
+  # The trunk gets MGDA computed on the trunk alone (T=2 closed form:
+  # w1 = clip(<g2 - g1, g2> / ||g1 - g2||^2, 0, 1)) ...
+  j = _flat(g["trunk"]).astype(np.float64)
+  w1 = np.clip((j[1] - j[0]) @ j[1] / np.sum((j[0] - j[1])**2), 0, 1)
+  want = w1 * j[0] + (1 - w1) * j[1]
+  np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[None],
+                                                updates["trunk"]))[0],
+                             -want, atol=1e-5)
   # ... the heads are summed over tasks ...
   for k in ("head_a", "head_b"):
     np.testing.assert_allclose(updates[k], -np.sum(g[k], 0), atol=1e-6)
   # ... and the Gram matrix only saw the shared leaves.
   d = surgery.diagnostics(state)
-  np.testing.assert_allclose(d["cosine"], trunk_state.cosine, atol=1e-6)
-  j = _flat(g["trunk"])
+  np.testing.assert_allclose(d["task_norms"], np.linalg.norm(j, axis=1),
+                             rtol=1e-5)
   np.testing.assert_allclose(
-      d["task_norms"], np.linalg.norm(j, axis=1), rtol=1e-5)
+      d["cosine"][0, 1], j[0] @ j[1] / np.prod(np.linalg.norm(j, axis=1)),
+      atol=1e-6)
   assert "0/cosine" not in d  # the head reducer has no surgery state
 
-  # The same with a label function, boolean labels and the raw recipe.
+
+def test_shared_only_label_forms_and_raw_partition_recipe():
+  g = _grads(2)
+  want = jax.tree.map(lambda x: np.sum(x, 0), g)
   fn = lambda p: {"trunk": {"w": True, "b": True}, "head_a": False,
                   "head_b": False}
-  tx2 = surgery.shared_only(surgery.mgda(num_tasks=2), fn)
-  raw = optax.partition(
-      {"s": surgery.mgda(num_tasks=2), "h": surgery.reduce_tasks("sum")},
-      {"trunk": {"w": "s", "b": "s"}, "head_a": "h", "head_b": "h"})
-  for t in (tx2, raw):
-    out, _ = t.update(g, t.init(PARAMS), PARAMS)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -b, atol=1e-6),
-                 out, updates)
+  variants = [
+      surgery.shared_only(surgery.sum_tasks(num_tasks=2), fn),
+      surgery.shared_only(surgery.sum_tasks(num_tasks=2),
+                          {"trunk": "body", "head_a": "x", "head_b": "y"},
+                          shared_labels=("body",)),
+      optax.partition(  # the raw recipe shared_only wraps
+          {"s": surgery.sum_tasks(num_tasks=2),
+           "h": surgery.reduce_tasks("sum")},
+          {"trunk": {"w": "s", "b": "s"}, "head_a": "h", "head_b": "h"}),
+  ]
+  for tx in variants:
+    out, state = tx.update(g, tx.init(PARAMS), PARAMS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 out, want)
+    np.testing.assert_allclose(surgery.diagnostics(state)["task_norms"],
+                               np.linalg.norm(_flat(g["trunk"]), axis=1),
+                               rtol=1e-5)
+  # No shared leaf at all: the surgery branch sees only masked leaves.
+  tx = surgery.shared_only(surgery.mgda(num_tasks=2), lambda p: jax.tree.map(
+      lambda _: "head", p))
+  out, _ = tx.update(g, tx.init(PARAMS), PARAMS)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               out, want)
 
 
 def test_shared_only_passes_task_weights_to_both_branches():
