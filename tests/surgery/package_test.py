@@ -57,3 +57,13 @@ def test_docstring_examples_run(module):
   res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE,
                         verbose=False)
   assert res.failed == 0
+
+
+def test_readme_section_example_runs(capsys):
+  path = os.path.join(os.path.dirname(surgery.__file__), "README_SECTION.md")
+  text = open(path).read()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  exec(compile(code, path, "exec"), {"__name__": "readme_example"})
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 5 and lines[-1].startswith("step 4: cos=")
+  assert "conflicts=1" in lines[0]  # the example's tasks do conflict
