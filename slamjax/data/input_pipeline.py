@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 from typing import Callable, Iterator, Mapping, Sequence
@@ -83,12 +84,16 @@ def epoch_index_fn(n: int, batch_size: int, seed: int,
   if n < 1:
     raise ValueError("epoch_index_fn needs at least one item")
 
+  @functools.lru_cache(maxsize=2)
+  def permutation(epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
   def index_fn(step: int) -> dict[str, np.ndarray]:
     start, out, count = step * batch_size, [], batch_size
     while count:
       epoch, offset = divmod(start, n)
       take = min(count, n - offset)
-      out.append(np.random.default_rng([seed, epoch]).permutation(n)[offset:offset + take])
+      out.append(permutation(epoch)[offset:offset + take])
       start, count = start + take, count - take
     return {key: np.concatenate(out)}
 
