@@ -4,6 +4,13 @@ The encoder follows torchvision's ResNet-18 (7x7/2 stem, 3x3/2 max-pool, four
 stages of two basic blocks) with a configurable base width, so that small
 CPU runs can use a narrower network with the same topology.
 
+``impl`` picks how the layers are computed: ``'native'`` uses XLA's
+convolution and reduce-window ops (the right choice on GPU/TPU), ``'cpu'``
+uses the formulations of :mod:`slamjax.models.layers` that are fast on
+XLA:CPU, and ``'auto'`` (default) picks ``'cpu'`` on the CPU backend. Both
+have the same parameters and compute the same function, so checkpoints are
+interchangeable.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> model = Encoder(width=16, proj_dims=(64, 64))
@@ -17,10 +24,12 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from slamjax.models import layers
 
 ModuleDef = Any
 
@@ -51,20 +60,24 @@ class ResNet18(nn.Module):
   """ResNet-18 trunk returning globally pooled features of size 8 * width."""
   width: int = 64
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  conv: ModuleDef = nn.Conv
+  impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
-                             padding="SAME",
-                             kernel_init=nn.initializers.variance_scaling(
-                                 2.0, "fan_out", "normal"))
+    impl = layers.resolve_impl(self.impl)
+    kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    if impl == "native":
+      conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                               padding="SAME", kernel_init=kernel_init)
+    else:
+      conv = functools.partial(layers.Conv, dtype=self.dtype,
+                               kernel_init=kernel_init, impl=impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = conv(self.width, (7, 7), (2, 2), name="stem_conv")(x)
     x = nn.relu(norm(name="stem_bn")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    x = layers.max_pool(x, 3, 2, impl=impl)
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
@@ -74,7 +87,7 @@ class ResNet18(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-  """MLP head: Dense-ReLU-...-Dense (the reference uses 512-512-512)."""
+  """MLP head: Dense-ReLU-...-Dense (the reference uses 512-512)."""
   dims: Sequence[int] = (512, 512)
 
   @nn.compact
@@ -87,13 +100,33 @@ class ProjectionHead(nn.Module):
 
 
 class Encoder(nn.Module):
-  """ResNet-18 + projection head; returns (pooled features, projection)."""
+  """ResNet-18 + projection head; returns (pooled features, projection).
+
+  ``impl`` is ``'auto'``, ``'native'`` or ``'cpu'`` (see the module doc).
+  """
   width: int = 64
   proj_dims: Sequence[int] = (512, 512)
-  conv: Callable[..., nn.Module] = nn.Conv
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.impl not in layers.IMPLS:
+      raise ValueError(f"Encoder impl={self.impl!r}; valid: {list(layers.IMPLS)}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    feats = ResNet18(width=self.width, conv=self.conv, name="backbone")(x, train)
+    impl = layers.resolve_impl(self.impl)
+    if impl == "cpu":
+      layers.tune_cpu_allocator()
+    feats = ResNet18(width=self.width, impl=impl, name="backbone")(x, train)
     z = ProjectionHead(self.proj_dims, name="head")(feats)
     return feats, z
+
+
+def get_model(model_cfg) -> Encoder:
+  """Builds the encoder from ``config.model`` (name, width, proj_dims, impl)."""
+  name = model_cfg.get("name", "resnet18") if hasattr(model_cfg, "get") else model_cfg.name
+  if name != "resnet18":
+    raise ValueError(f"config.model.name={name!r}; valid: ['resnet18']")
+  impl = model_cfg.get("impl", "auto") if hasattr(model_cfg, "get") else model_cfg.impl
+  return Encoder(width=model_cfg.width, proj_dims=tuple(model_cfg.proj_dims), impl=impl)

@@ -1,0 +1,176 @@
+"""Backend-dependent formulations of the encoder's layers.
+
+XLA:CPU has two performance cliffs that a plain Flax ResNet-18 falls off:
+
+* Its convolution kernels are fast for large spatial maps but pathological
+  for tiny ones: a 3x3 convolution on a 2x2 map with 512 channels takes
+  seconds (forward and input gradient), against tens of milliseconds for the
+  same work written as one matrix multiplication. At 64x64 inputs the last
+  ResNet stage runs on 2x2 maps, so this one case dominates a training step.
+* Every large temporary buffer is a fresh ``mmap`` from glibc malloc, so each
+  step page-faults its working set again (about 2.5 us per 4 KiB page);
+  :func:`tune_cpu_allocator` keeps freed memory in the heap instead.
+
+The ``'cpu'`` formulation keeps parameters identical to the ``'native'`` one
+(``flax.linen.Conv`` / ``BatchNorm``) and computes the same function, so
+checkpoints are interchangeable and outputs agree to float32 rounding. It
+picks, per layer shape, XLA's convolution or an im2col matrix product.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.ones((2, 4, 4, 8)); w = jnp.ones((3, 3, 8, 16))
+  >>> y_cpu = conv2d(x, w, (1, 1), impl="cpu")
+  >>> y_native = conv2d(x, w, (1, 1), impl="native")
+  >>> bool(jnp.allclose(y_cpu, y_native)), y_cpu.shape
+  (True, (2, 4, 4, 16))
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "native", "cpu")
+
+# Output maps with at most this many positions use the im2col product on CPU.
+SMALL_MAP_POSITIONS = 4
+
+_ALLOCATOR_TUNED = False
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps ``'auto'`` to ``'cpu'`` on the CPU backend, else ``'native'``."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; valid: {list(IMPLS)}")
+  if impl == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "native"
+  return impl
+
+
+def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
+  """Makes glibc malloc keep freed memory instead of unmapping it.
+
+  XLA:CPU allocates each step's large temporaries with malloc; by default
+  glibc serves them with ``mmap`` and unmaps them on free, so every step
+  page-faults its whole working set again. Setting ``M_TOP_PAD`` (and one
+  arena) lets the heap keep that memory, which on a 2-core machine made a
+  memory-bound XLA op 6-8x faster. Affects the whole process (PyTorch too).
+  Idempotent; a no-op off glibc or when ``SLAMJAX_NO_MALLOC_TUNING`` is set.
+  Returns whether the settings were applied.
+  """
+  global _ALLOCATOR_TUNED
+  if _ALLOCATOR_TUNED:
+    return True
+  if os.environ.get("SLAMJAX_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    m_top_pad, m_arena_max = -2, -8
+    ok = bool(libc.mallopt(m_arena_max, 1)) & bool(libc.mallopt(m_top_pad, int(top_pad_bytes)))
+  except (OSError, AttributeError):
+    return False
+  _ALLOCATOR_TUNED = ok
+  return ok
+
+
+def _same_padding(size: int, k: int, s: int) -> tuple[int, tuple[int, int]]:
+  """Output size and (low, high) padding of XLA's 'SAME' padding."""
+  out = -(-size // s)
+  total = max((out - 1) * s + k - size, 0)
+  return out, (total // 2, total - total // 2)
+
+
+def _im2col_conv(x, w, strides):
+  """'SAME' convolution as one matmul over k*k shifted (strided) slices."""
+  n, h, wd, c = x.shape
+  kh, kw, _, o = w.shape
+  sh, sw = strides
+  ho, ph = _same_padding(h, kh, sh)
+  wo, pw = _same_padding(wd, kw, sw)
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  cols = []
+  for i in range(kh):
+    for j in range(kw):
+      cols.append(lax.slice(xp, (0, i, j, 0),
+                            (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                            (1, sh, sw, 1)))
+  cols = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+  y = jnp.dot(cols.reshape(n * ho * wo, kh * kw * c), w.reshape(kh * kw * c, o),
+              precision=lax.Precision.HIGHEST)
+  return y.reshape(n, ho, wo, o)
+
+
+def _native_conv(x, w, strides):
+  return lax.conv_general_dilated(
+      x, w, window_strides=strides, padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
+           impl: str = "auto") -> jax.Array:
+  """'SAME'-padded NHWC convolution with an HWIO kernel, no bias."""
+  impl = resolve_impl(impl)
+  strides = tuple(int(s) for s in strides)
+  if impl == "native":
+    return _native_conv(x, w, strides)
+  kh, kw = w.shape[:2]
+  ho = -(-x.shape[1] // strides[0])
+  wo = -(-x.shape[2] // strides[1])
+  if (kh, kw) == (1, 1) or ho * wo <= SMALL_MAP_POSITIONS:
+    return _im2col_conv(x, w, strides)
+  return _native_conv(x, w, strides)
+
+
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2,
+             impl: str = "auto") -> jax.Array:
+  """'SAME'-padded NHWC max-pool (square window)."""
+  impl = resolve_impl(impl)
+  if impl == "native":
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding="SAME")
+  return _max_pool_slices(x, window, stride)
+
+
+def _max_pool_slices(x, window, stride):
+  n, h, w, c = x.shape
+  ho, ph = _same_padding(h, window, stride)
+  wo, pw = _same_padding(w, window, stride)
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(window):
+    for j in range(window):
+      s = lax.slice(xp, (0, i, j, 0),
+                    (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                    (1, stride, stride, 1))
+      out = s if out is None else jnp.maximum(out, s)
+  return out
+
+
+class Conv(nn.Module):
+  """Bias-free 'SAME' convolution with ``flax.linen.Conv``'s parameters.
+
+  The kernel is ``params['kernel']`` of shape (kh, kw, in, out), initialised
+  exactly as ``nn.Conv`` does, so the two are interchangeable.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return conv2d(x, kernel, self.strides, self.impl)
