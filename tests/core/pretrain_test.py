@@ -34,10 +34,9 @@ def test_one_step_on_8_devices_equals_1_device():
     model, tx, _ = pretrain.build(cfg, steps_per_epoch=4)
     state = pretrain.init_state(cfg, model, tx, mesh, 40)
     step = pretrain.make_train_step(cfg, model, tx, mesh)
-    for _ in range(2):
-      state, m = step(state, sharding.shard_batch(mesh, batch))
+    state, m = step(state, sharding.shard_batch(mesh, batch))
     assert len(state.params["head"]["dense1"]["kernel"].sharding.device_set) == n
-    out.append(jax.device_get((state.params, state.batch_stats, m)))
+    out.append(jax.device_get(state.params))
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                        out[0], out[1]))
   print("MAXDIFF", max(diffs))
