@@ -20,7 +20,7 @@ vector), and returns one combined update with the parameter shapes. Put it
 >>> state = tx.init(params)
 >>> params, state = train_step(params, state)
 >>> sorted(surgery.diagnostics(state))
-['cos_mean', 'cos_min', 'cosine', 'norm_ratio', 'num_conflicts', 'task_norms', 'weights']
+['cos_mean', 'cos_min', 'cosine', 'norm_ratio', 'num_conflicts', 'weights']
 
 Methods: :func:`sum_tasks`, :func:`mean_tasks`, :func:`pcgrad`,
 :func:`adaptive_pcgrad` (SLAM-AGS), :func:`gradvac`, :func:`cagrad`,

@@ -446,7 +446,6 @@ def _state_diagnostics(s: SurgeryState) -> dict[str, jax.Array]:
       "num_conflicts": s.num_conflicts,
       "weights": s.weights,
       "norm_ratio": s.norm_ratio,
-      "task_norms": s.task_norms,
   }
 
 
@@ -458,12 +457,13 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
   inside and outside ``jax.jit``.
 
   Returns:
-    ``{}`` if there is no surgery state. For one state: ``cos_mean`` and
-    ``cos_min`` (mean/min pairwise cosine over pairs ``i < j``, 0 if ``T <
-    2``), ``cosine`` ``(T, T)``, ``num_conflicts`` (int32), ``weights``
-    ``(T,)``, ``norm_ratio`` (``||out|| / ||sum_t g_t||``) and ``task_norms``
-    ``(T,)``. With several surgery states the keys of the ``i``-th one (in
-    tree order) are prefixed ``f"{i}/"``.
+    ``{}`` if there is no surgery state. For one state, the scalars
+    ``cos_mean`` and ``cos_min`` (mean/min pairwise cosine over pairs ``i <
+    j``, 0 if ``T < 2``), ``num_conflicts`` (int32) and ``norm_ratio``
+    (``||out|| / ||sum_t g_t||``), and the arrays ``cosine`` ``(T, T)`` and
+    ``weights`` ``(T,)``. (Per-task gradient norms are in the state,
+    ``SurgeryState.task_norms``.) With several surgery states the keys of the
+    ``i``-th one (in tree order) are prefixed ``f"{i}/"``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

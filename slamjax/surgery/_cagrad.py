@@ -53,10 +53,11 @@ def _cagrad_simplex(gn, b, cn, max_iter, qp_max_iter):
     lo = jnp.where(phi < 0, t, lo)
     hi = jnp.where(phi >= 0, t, hi)
     cand = support_root(w)
-    inside = (cand > lo) & (cand < hi) & jnp.isfinite(cand)
+    # The active set at t is the final one iff its root is t itself.
+    done = jnp.abs(cand - t) <= 1e-6 * t
+    inside = (cand >= lo) & (cand <= hi) & jnp.isfinite(cand)
     mid = jnp.where(lo > 0, jnp.sqrt(lo * hi), 0.5 * hi)
     t_new = jnp.where(inside, cand, mid)
-    done = jnp.abs(t_new - t) <= 1e-7 * t_new
     return t_new, w, t, lo, hi, it + 1, done
 
   init = (hi0, jnp.zeros((t_dim,), dtype), hi0, jnp.zeros((), dtype),

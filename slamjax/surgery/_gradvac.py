@@ -22,6 +22,8 @@ def gradvac_weights(gram: jax.Array, rho_target: jax.Array,
   the original gradients.
   """
   t = gram.shape[0]
+  if t < 2:
+    return jnp.ones((t,), gram.dtype), rho_target.astype(gram.dtype)
   rows = jnp.arange(t)
   diag = jnp.maximum(jnp.diagonal(gram), 0.0)
 
@@ -104,6 +106,11 @@ def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
     t = ctx.gram.shape[0]
     orders = task_orders(ctx.key, t, shuffle)
     grams = ctx.leaf_grams if leafwise else ctx.gram[None]
+    if ctx.inner.shape[0] != grams.shape[0]:
+      raise ValueError(
+          f"gradvac(granularity='leaf'): the state holds cosine targets for "
+          f"{ctx.inner.shape[0]} leaves but the updates have "
+          f"{grams.shape[0]}; call init with the params being optimised.")
     w, rho = jax.vmap(gradvac_weights, in_axes=(0, 0, None, None))(
         grams, ctx.inner, orders, beta)
     rho = rho.astype(jnp.float32)

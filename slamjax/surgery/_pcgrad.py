@@ -59,6 +59,8 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   Returns ``sum_i W[i]`` (PCGrad sums the projected gradients).
   """
   t = gram.shape[0]
+  if t < 2:
+    return jnp.ones((t,), gram.dtype)
   rows = jnp.arange(t)
   diag = jnp.diagonal(gram)
 
