@@ -47,8 +47,8 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
     y = self.conv(self.filters, (3, 3), name="conv2")(y)
-    # Zero-init of the last BN scale makes each block start as identity.
-    y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
+    # BN scale starts at 1, as torchvision's default (zero_init_residual=False).
+    y = self.norm(name="bn2")(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
                            name="proj_conv")(residual)
