@@ -42,18 +42,18 @@ class Morphology:
 
 
 MORPHOLOGIES: dict[str, Morphology] = {
-    # Mature lymphocyte-like cell: round nucleus, coarse clumped chromatin.
+    # Mature lymphocyte-like cell: round nucleus, smooth dense chromatin.
     "normal": Morphology(
-        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.04,
+        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.03,
         lobes=(2, 4), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
-        texture_scale=2.6, texture_contrast=0.22, nucleoli=(0, 1),
+        texture_scale=3.5, texture_contrast=0.12, nucleoli=(0, 0),
         nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
-    # Blast-like: same size and stain range, but an irregular (notched,
-    # lobulated) nucleus, fine open chromatin and visible nucleoli.
+    # Blast-like: same size and stain range, but a lobulated nucleus, coarse
+    # high-contrast granular chromatin and pale nucleoli.
     "blast": Morphology(
-        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.11,
+        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.16,
         lobes=(3, 6), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
-        texture_scale=1.0, texture_contrast=0.22, nucleoli=(1, 2),
+        texture_scale=1.6, texture_contrast=0.40, nucleoli=(2, 3),
         nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
     # Erythroblast-like: small, very round dark nucleus, pinkish cytoplasm.
     "erythroblast": Morphology(
@@ -97,7 +97,7 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
   s = image_size
   px = s / 64.0  # texture and blur sizes are specified at 64 px
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-  stain = 1.0 + rng.normal(0.0, 0.08, 3)  # per-crop stain colour shift
+  stain = 1.0 + rng.normal(0.0, 0.06, 3)  # per-crop stain colour shift
   img = np.broadcast_to(_BACKGROUND_RGB * stain, (s, s, 3)).copy()
 
   # Background red-cell discs with a pale centre, partly outside the crop.
@@ -113,7 +113,7 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
 
   # The white cell: cytoplasm, then nucleus with texture and nucleoli.
   cr = rng.uniform(*morph.cell_radius) * s
-  cy, cx = s / 2 + rng.normal(0, 0.04 * s, 2)
+  cy, cx = s / 2 + rng.normal(0, 0.08 * s, 2)
   angle = rng.uniform(0, 2 * np.pi)
   cyto = _blob_mask(yy, xx, cy, cx, cr, rng.uniform(0.85, 1.0), angle,
                     0.04, rng.integers(2, 4), rng.uniform(0, 2 * np.pi))
@@ -140,13 +140,13 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
     rad = rng.uniform(0.1, 0.4) * nr
     t = rng.uniform(0, 2 * np.pi)
     spot = _blob_mask(yy, xx, ny + rad * np.sin(t), nx + rad * np.cos(t),
-                      rng.uniform(0.10, 0.16) * nr, 1.0, 0.0, 0.0, 1, 0.0)
+                      rng.uniform(0.12, 0.18) * nr, 1.0, 0.0, 0.0, 1, 0.0)
     nuc_rgb = nuc_rgb * (1 - 0.6 * spot[..., None]) + 0.6 * spot[..., None] * (
         np.asarray(morph.cytoplasm_rgb) * stain)
   img = img * (1 - nuc[..., None]) + nuc_rgb * nuc[..., None]
 
   # Optics: defocus blur, then sensor noise.
-  sigma = rng.uniform(0.3, 1.0) * px
+  sigma = rng.uniform(0.2, 0.7) * px
   img = ndimage.gaussian_filter(img, (sigma, sigma, 0))
   img = img + rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
   return np.clip(img, 0.0, 1.0).astype(np.float32)
