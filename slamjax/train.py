@@ -78,6 +78,9 @@ def linear_probe(train_x, train_y, test_x, test_y) -> dict:
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Runs or resumes the pipeline; writes results under ``workdir``."""
+  if cfg.data.source == "features":  # a folder of feature files: MIL head only
+    from slamjax.features import pipeline as features_pipeline
+    return features_pipeline.train_and_evaluate_features(cfg, workdir)
   config_check.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
