@@ -146,11 +146,25 @@ def _check_task_axis(name: str, updates, params, num_tasks: Optional[int]):
   return [leaf for _, leaf in with_path], treedef, t
 
 
+def _replicated_out_sharding():
+  """``P()`` under a mesh with Explicit axes (JAX's default since 0.9), where
+  contracting sharded parameter dimensions must name the output sharding;
+  ``None`` otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit
+                           for t in mesh.axis_types):
+    return None
+  return jax.sharding.PartitionSpec()
+
+
 def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  flat = leaf.reshape(leaf.shape[0], -1)
+  # Contract every parameter dimension directly (no reshape, which could
+  # fight a parameter sharding); the T x T result is replicated.
+  dims = tuple(range(1, leaf.ndim))
   return jax.lax.dot_general(
-      flat, flat, (((1,), (1,)), ((), ())),
-      preferred_element_type=_acc_dtype(leaf.dtype))
+      leaf, leaf, ((dims, dims), ((), ())),
+      preferred_element_type=_acc_dtype(leaf.dtype),
+      out_sharding=_replicated_out_sharding())
 
 
 def gram_matrix(task_updates: Any) -> jax.Array:
