@@ -1,0 +1,205 @@
+r"""Features mode: train and evaluate a MIL head on a folder of feature files.
+
+What ``python -m slamjax.main`` runs when ``config.data.source == "features"``
+(see ``configs/features_folder.py``): load and check the folder
+(:mod:`slamjax.features.dataset`), split the slides (the CSV's ``split``
+column, else a stratified random split), standardise with training-slide
+statistics, train the head with ``slamjax.mil.train.fit``, predict every
+split, and write under ``workdir``:
+
+* ``metrics.json`` / ``results.md``: bag metrics of the test split (and val
+  if any) per label column; attention retrieval of witnesses only when the
+  feature files carry instance labels (``witness``);
+* ``predictions.csv``: slide_id, split, label and probability per column;
+* ``attention/<slide_id>.csv`` for every slide (``eval.export_attention``).
+
+Rerunning with the same workdir resumes the MIL head from its checkpoint.
+
+Example::
+
+  from configs import features_folder
+  cfg = features_folder.get_config("quick")
+  cfg.data.root = "/path/to/features"
+  results = train_and_evaluate_features(cfg, "/tmp/slamjax_features")
+  results["bag"]["auc"]
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import numpy as np
+
+from slamjax import config_check
+from slamjax import evaluate
+from slamjax import report
+from slamjax.features import dataset as dataset_lib
+from slamjax.features import export
+from slamjax.mil import train as mil_train
+
+# Allowed keys of a features-mode config (image-pipeline sections such as
+# bags/augment/model/pretrain do not apply and are rejected).
+SCHEMA = {
+    "": {"seed", "data", "mil", "eval"},
+    "data": {"source", "root", "manifest", "label_columns", "test_fraction",
+             "standardize", "unlisted_files"},
+    "mil": None,  # head-specific keys; validated by the head registry
+    "eval": {"top_k", "export_attention"},
+}
+
+
+def validate(cfg) -> None:
+  """Raises ValueError on unknown keys or out-of-range values."""
+  for section, allowed in SCHEMA.items():
+    node = cfg if not section else cfg.get(section)
+    if node is None:
+      raise ValueError(f"config.{section} is missing (features mode needs "
+                       f"{sorted(SCHEMA[''])})")
+    if allowed is None:
+      continue
+    unknown = sorted(set(node.keys()) - allowed)
+    if unknown:
+      prefix = f"config.{section}." if section else "config."
+      raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]} for "
+                       f"data.source='features'; valid keys: {sorted(allowed)}")
+  if cfg.data.source != "features":
+    raise ValueError(f"config.data.source={cfg.data.source!r}; features mode needs "
+                     "'features'")
+  if cfg.data.unlisted_files not in ("error", "ignore"):
+    raise ValueError(f"config.data.unlisted_files={cfg.data.unlisted_files!r}; "
+                     "valid: 'error', 'ignore'")
+  config_check._range(cfg, "data.test_fraction", cfg.data.test_fraction, 0, 1,
+                      lo_open=True, hi_open=True)
+  config_check._range(cfg, "mil.epochs", cfg.mil.epochs, 1, float("inf"), integer=True)
+  config_check._range(cfg, "mil.batch_size", cfg.mil.batch_size, 1, float("inf"),
+                      integer=True)
+  config_check._range(cfg, "eval.top_k", cfg.eval.top_k, 1, float("inf"), integer=True)
+
+
+def _task_scores(a: np.ndarray, num_tasks: int) -> np.ndarray:
+  """Per-instance scores of the first task from [N] or [N, H] attention."""
+  a = np.asarray(a)
+  if a.ndim == 1:
+    return a
+  return a[:, 0] if a.shape[1] == num_tasks else a.mean(1)
+
+
+def _split_metrics(ds, idx, out, k) -> dict:
+  cols = ds.label_columns
+  labels, probs = ds.labels[idx], out["prob"]
+  per_task = {c: evaluate.bag_metrics(labels[:, j], probs[:, j]) for j, c in enumerate(cols)}
+  res = {"bag": per_task[cols[0]], "bag_per_task": per_task}
+  pos = [j for j, i in enumerate(idx) if labels[j, 0] == 1 and ds.witness[i] is not None]
+  if pos:
+    res["retrieval"] = evaluate.retrieval_metrics(
+        [_task_scores(out["attention"][j], len(cols)) for j in pos],
+        [ds.witness[idx[j]] for j in pos], k)
+  return res
+
+
+def _write_predictions(path, ds, split_idx, outs):
+  cols = ds.label_columns
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["slide_id", "split", *cols, *[f"prob_{c}" for c in cols]])
+    for split, idx in split_idx.items():
+      for j, i in enumerate(idx):
+        w.writerow([ds.slide_ids[i], split, *[int(v) for v in ds.labels[i]],
+                    *[repr(float(p)) for p in outs[split]["prob"][j]]])
+
+
+def _write_results(workdir: str, results: dict) -> str:
+  import json
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  bag_cols = ["num_bags", "f1", "auc", "accuracy", "sensitivity", "specificity"]
+  md = ["# slamjax results (feature folder)", "",
+        f"{sum(results['num_slides'].values())} slides ("
+        + ", ".join(f"{s}: {n}" for s, n in results["num_slides"].items())
+        + f") of dimension {results['dim']} from "
+        f"`{results['root']}`; MIL head `{results['head']}`; label column(s) "
+        f"{', '.join(results['label_columns'])}.", ""]
+  for split in ("test", "val"):
+    r = results if split == "test" else results.get("val")
+    if r is None:
+      continue
+    md += [f"## Bag classification ({split} split)", "",
+           report.markdown_table([{"task": c, **m} for c, m in r["bag_per_task"].items()],
+                                 ["task"] + bag_cols), ""]
+    if "retrieval" in r:
+      ret = r["retrieval"]
+      md += [f"## Witness retrieval by attention (top-{ret['k']}, positive {split} slides)",
+             "", report.markdown_table([ret], [
+                 "num_positive_bags", "witnesses_found_at_k", "num_witnesses",
+                 "precision_at_k", "recall_at_k", "average_precision"]), ""]
+  if "retrieval" not in results:
+    md += ["No instance labels (`witness`) in the feature files: attention "
+           "retrieval is not scored.", ""]
+  md += ["## Wall time (s)", "", report.markdown_table([results["timing_s"]],
+                                                       list(results["timing_s"])), ""]
+  text = "\n".join(md)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def train_and_evaluate_features(cfg, workdir: str) -> dict:
+  """Runs or resumes features mode; writes results under ``workdir``."""
+  validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  timing = {}
+  t0 = time.perf_counter()
+  d = cfg.data
+  ds = dataset_lib.load_feature_folder(d.root, d.manifest, d.label_columns or None,
+                                       d.unlisted_files)
+  split_idx = ds.split_indices(d.test_fraction, cfg.seed)
+  timing["data"] = time.perf_counter() - t0
+  print(f"features: {ds.num_slides} slides, dim {ds.dim}, labels {list(ds.label_columns)}; "
+        + "; ".join(f"{s}: {len(i)} slides ({int(ds.labels[i, 0].sum())} positive), "
+                    f"{sum(len(ds.features[j]) for j in i)} instances"
+                    for s, i in split_idx.items()), flush=True)
+
+  feats = ds.features
+  if d.standardize:  # as the image pipeline: training-slide statistics
+    flat = np.concatenate([feats[i] for i in split_idx["train"]])
+    mu, sd = flat.mean(0), flat.std(0) + 1e-6
+    del flat
+    feats = [(x - mu) / sd for x in feats]
+  labels = ds.labels if len(ds.label_columns) > 1 else ds.labels[:, 0]
+
+  t0 = time.perf_counter()
+  tr = split_idx["train"]
+  state = mil_train.fit(cfg.mil, [feats[i] for i in tr], labels[tr], workdir, cfg.seed)
+  outs = {s: mil_train.predict(cfg.mil, state, [feats[i] for i in idx])
+          for s, idx in split_idx.items()}
+  timing["mil"] = time.perf_counter() - t0
+
+  test_idx = split_idx["test"]
+  results = {
+      "source": "features", "root": os.path.abspath(d.root), "dim": ds.dim,
+      "num_slides": {s: int(len(i)) for s, i in split_idx.items()},
+      "label_columns": list(ds.label_columns), "head": cfg.mil.head,
+      "standardize": bool(d.standardize),
+      **_split_metrics(ds, test_idx, outs["test"], cfg.eval.top_k),
+      "per_bag": [{"slide_id": ds.slide_ids[i], "label": ds.labels[i].tolist(),
+                   "prob": outs["test"]["prob"][j].tolist()}
+                  for j, i in enumerate(test_idx)],
+  }
+  if "val" in split_idx:
+    results["val"] = _split_metrics(ds, split_idx["val"], outs["val"], cfg.eval.top_k)
+  _write_predictions(os.path.join(workdir, "predictions.csv"), ds, split_idx, outs)
+  if cfg.eval.export_attention:
+    for s, idx in split_idx.items():
+      export.export_attention(
+          os.path.join(workdir, "attention"), [ds.slide_ids[i] for i in idx],
+          outs[s]["attention"], coords=[ds.coords[i] for i in idx],
+          cell_ids=[ds.cell_ids[i] for i in idx], witness=[ds.witness[i] for i in idx],
+          names=ds.label_columns)
+  timing["total"] = sum(timing.values())
+  results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
+  print(_write_results(workdir, results), flush=True)
+  return results
