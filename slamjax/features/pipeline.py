@@ -78,9 +78,18 @@ def validate(cfg) -> None:
   config_check._range(cfg, "eval.top_k", cfg.eval.top_k, 1, float("inf"), integer=True)
 
 
+def _instances_first(a, n: int) -> np.ndarray:
+  """A bag's attention as [N] or [N, H] (heads giving [H, N] are transposed)."""
+  a = np.asarray(a)
+  if a.ndim == 2 and a.shape[0] != n and a.shape[1] == n:
+    a = a.T
+  if a.shape[0] != n:
+    raise ValueError(f"attention of shape {a.shape} for a bag of {n} instances")
+  return a
+
+
 def _task_scores(a: np.ndarray, num_tasks: int) -> np.ndarray:
   """Per-instance scores of the first task from [N] or [N, H] attention."""
-  a = np.asarray(a)
   if a.ndim == 1:
     return a
   return a[:, 0] if a.shape[1] == num_tasks else a.mean(1)
@@ -176,6 +185,9 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
   state = mil_train.fit(cfg.mil, [feats[i] for i in tr], labels[tr], workdir, cfg.seed)
   outs = {s: mil_train.predict(cfg.mil, state, [feats[i] for i in idx])
           for s, idx in split_idx.items()}
+  for s, idx in split_idx.items():
+    outs[s]["attention"] = [_instances_first(a, len(feats[i]))
+                            for a, i in zip(outs[s]["attention"], idx)]
   timing["mil"] = time.perf_counter() - t0
 
   test_idx = split_idx["test"]

@@ -175,3 +175,12 @@ def test_features_config_errors():
     pipeline.validate(cfg)
   with pytest.raises(ValueError, match="'quick'"):
     features_folder.get_config("fast")
+
+
+def test_per_head_attention_shapes_are_normalised():
+  a = np.arange(10, dtype=np.float32).reshape(2, 5)  # [H=2, N=5] from a head
+  assert pipeline._instances_first(a, 5).shape == (5, 2)
+  assert pipeline._task_scores(a.T, num_tasks=2).tolist() == a[0].tolist()
+  assert pipeline._task_scores(a.T, num_tasks=1).tolist() == a.mean(0).tolist()
+  with pytest.raises(ValueError, match=r"attention of shape \(2, 5\) for a bag of 4"):
+    pipeline._instances_first(a, 4)
