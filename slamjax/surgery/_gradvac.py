@@ -97,6 +97,9 @@ def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
   if granularity not in ("model", "leaf"):
     raise ValueError(f"gradvac: granularity must be 'model' or 'leaf', got "
                      f"{granularity!r}.")
+  if key is None and shuffle:
+    raise ValueError("gradvac: a random task order needs a key (PRNG key or "
+                     "int seed); pass shuffle=False for the fixed order.")
   leafwise = granularity == "leaf"
 
   def init_inner(t, k):

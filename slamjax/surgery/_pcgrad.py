@@ -40,6 +40,8 @@ def task_orders(key: jax.Array, num_tasks: int, shuffle: bool = True
   t = num_tasks
   if t < 2:
     return jnp.zeros((t, 0), jnp.int32)
+  if shuffle and key is None:
+    raise ValueError("task_orders: shuffle=True needs a key.")
   rows = jnp.arange(t)
   if shuffle:  # independent uniform permutations: argsort of uniforms
     perms = jnp.argsort(jax.random.uniform(key, (t, t - 1)), axis=1)
@@ -118,6 +120,10 @@ def pcgrad(key: Any = 0, *, shuffle: bool = True,
     >>> out['w']  # -(gpc_1 + gpc_2) = -((.5, .5) + (0, 1))
     Array([-0.5, -1.5], dtype=float32)
   """
+
+  if key is None and shuffle:
+    raise ValueError("pcgrad: a random task order needs a key (PRNG key or "
+                     "int seed); pass shuffle=False for the fixed order.")
 
   def weighting(ctx):
     t = ctx.gram.shape[0]

@@ -257,3 +257,7 @@ def test_registry():
     surgery.get("cagrad", rescale=3)
   with pytest.raises(ValueError, match="granularity"):
     surgery.get("gradvac", granularity="layer")
+  with pytest.raises(ValueError, match="needs a key"):
+    surgery.pcgrad(key=None)
+  tx = surgery.pcgrad(key=None, shuffle=False, num_tasks=2)  # no key needed
+  assert tx.init(PARAMS).key is None
