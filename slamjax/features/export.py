@@ -123,19 +123,26 @@ def export_embeddings(workdir: str, pool, bags, emb, subdir: str = "features") -
   return out
 
 
+def _head_names(names, h: int) -> list[str]:
+  return list(names) if names is not None and len(names) == h else [str(j) for j in range(h)]
+
+
 def export_attention(out_dir: str, slide_ids: Sequence[str], attention, *,
-                     coords=None, cell_ids=None, witness=None,
-                     names: Sequence[str] | None = None) -> list[str]:
+                     class_attention=None, coords=None, cell_ids=None,
+                     witness=None, names: Sequence[str] | None = None) -> list[str]:
   """Writes ``out_dir/<slide_id>.csv`` per slide; returns the paths.
 
   Args:
     out_dir: folder for the CSVs (created).
     slide_ids: one id per slide (file names).
-    attention: per slide, [N] or [N, H] attention (H heads/classes).
+    attention: per slide, [N] attention (column ``attention``) or [N, H]
+      (columns ``attention_<name>``).
+    class_attention: optional per-slide [N, C] attention per task/class
+      (entries may be None) -> ``attention_<name>`` after ``attention``.
     coords: optional per-slide [N, 2] (entries may be None) -> ``x``, ``y``.
     cell_ids: optional per-slide [N] ids -> ``cell_id``.
     witness: optional per-slide [N] 0/1 instance labels -> ``witness``.
-    names: H column suffixes for [N, H] attention (default ``0..H-1``).
+    names: column suffixes for the H or C columns (default ``0, 1, ...``).
   """
   os.makedirs(out_dir, exist_ok=True)
   paths = []
@@ -146,9 +153,16 @@ def export_attention(out_dir: str, slide_ids: Sequence[str], attention, *,
     if a.ndim == 1:
       acols = ["attention"]
     else:
-      hn = list(names) if names is not None and len(names) == a2.shape[1] else [
-          str(h) for h in range(a2.shape[1])]
-      acols = [f"attention_{h}" for h in hn]
+      acols = [f"attention_{h}" for h in _head_names(names, a2.shape[1])]
+    ca = None if class_attention is None else class_attention[i]
+    if ca is not None:
+      ca = np.asarray(ca, np.float64)
+      ca = ca[:, None] if ca.ndim == 1 else ca
+      if ca.ndim != 2 or ca.shape[0] != n:
+        raise ValueError(f"export_attention: slide {sid} has {n} attention values "
+                         f"but class attention of shape {ca.shape} (need [{n}, C])")
+      acols += [f"attention_{h}" for h in _head_names(names, ca.shape[1])]
+      a2 = np.concatenate([a2, ca], 1)
     cols, data = ["instance"], [np.arange(n)]
     c = None if coords is None else coords[i]
     if c is not None:
@@ -188,12 +202,17 @@ def _fmt(v):
 
 
 def export_bag_attention(workdir: str, pool, bagset, split: str, attention,
-                         subdir: str = "attention") -> list[str]:
+                         task_attention=None, subdir: str = "attention") -> list[str]:
   """:func:`export_attention` for simulated bags of one split (ids as
-  :func:`export_embeddings` names them, with cell ids and witness flags)."""
+  :func:`export_embeddings` names them, with cell ids and witness flags).
+
+  ``attention``/``task_attention`` are ``mil.train.predict``'s outputs of that
+  split (per bag [N] and, for heads with per-task attention, [T, N])."""
   coords = getattr(pool, "coords", None)
   return export_attention(
       os.path.join(workdir, subdir), bag_slide_ids(split, bagset.num_bags), attention,
+      class_attention=None if task_attention is None else [
+          None if t is None else np.asarray(t).T for t in task_attention],
       coords=None if coords is None else [np.asarray(coords)[c] for c in bagset.cells],
       cell_ids=[[pool.cell_ids[c] for c in cells] for cells in bagset.cells],
       witness=bagset.witness)

@@ -188,6 +188,9 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
   for s, idx in split_idx.items():
     outs[s]["attention"] = [_instances_first(a, len(feats[i]))
                             for a, i in zip(outs[s]["attention"], idx)]
+    if outs[s].get("task_attention") is not None:  # heads with per-task attention: [T, N]
+      outs[s]["task_attention"] = [None if t is None else np.asarray(t).T
+                                   for t in outs[s]["task_attention"]]
   timing["mil"] = time.perf_counter() - t0
 
   test_idx = split_idx["test"]
@@ -208,7 +211,8 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
     for s, idx in split_idx.items():
       export.export_attention(
           os.path.join(workdir, "attention"), [ds.slide_ids[i] for i in idx],
-          outs[s]["attention"], coords=[ds.coords[i] for i in idx],
+          outs[s]["attention"], class_attention=outs[s].get("task_attention"),
+          coords=[ds.coords[i] for i in idx],
           cell_ids=[ds.cell_ids[i] for i in idx], witness=[ds.witness[i] for i in idx],
           names=ds.label_columns)
   timing["total"] = sum(timing.values())

@@ -73,6 +73,17 @@ def test_attention_csvs_per_head_coords_ids_witness(tmp_path):
   assert np.float32(float(rows[0]["attention_grade"])) == a[0, 1]
   (p,) = export.export_attention(str(tmp_path / "h"), ["s"], [a])
   assert open(p).readline().strip() == "instance,attention_0,attention_1"
+  # 1-D ranking attention + per-task attention ([T, N] from predict's task_attention).
+  test_att = [np.full(len(c), 0.25) for c in test.cells]
+  task_att = [np.stack([np.full(len(c), 0.5), np.full(len(c), 0.125)]) for c in test.cells]
+  paths = export.export_bag_attention(str(tmp_path / "t"), pool, test, "test", test_att,
+                                      task_attention=task_att)
+  with open(paths[0], newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0])[-3:] == ["attention", "attention_0", "attention_1"]
+  assert [rows[0][k] for k in list(rows[0])[-3:]] == ["0.25", "0.5", "0.125"]
+  with pytest.raises(ValueError, match=r"class attention of shape \(3, 2\) \(need \[2, C\]\)"):
+    export.export_attention(str(tmp_path), ["s"], [a[:, 0]], class_attention=[np.zeros((3, 2))])
   with pytest.raises(ValueError, match=r"slide s has 2 attention values but coords of shape \(3, 2\)"):
     export.export_attention(str(tmp_path), ["s"], [a], coords=[np.zeros((3, 2))])
 

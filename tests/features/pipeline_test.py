@@ -121,7 +121,17 @@ def test_round_trip_export_then_features_matches_direct_training(tmp_path):
     assert [int(r["witness"]) for r in att] == test.witness[i].astype(int).tolist()
 
 
-def test_multi_task_val_split_witness_and_resume(tmp_path, fx):
+def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
+  # Heads with per-task attention also return ``task_attention`` ([T, n_i] per
+  # bag); emulate one on top of whatever the configured head returns.
+  predict = mil_train.predict
+
+  def predict_with_task_attention(*args, **kw):
+    out = predict(*args, **kw)
+    out.setdefault("task_attention", [np.stack([a, a[::-1]]) for a in out["attention"]])
+    return out
+
+  monkeypatch.setattr(mil_train, "predict", predict_with_task_attention)
   root = tmp_path / "mt"
   root.mkdir()
   rng = np.random.default_rng(1)
@@ -152,6 +162,11 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx):
   preds = _read_csv(os.path.join(wd, "predictions.csv"))
   assert list(preds[0]) == ["slide_id", "split", "tumor", "grade", "prob_tumor", "prob_grade"]
   assert json.load(open(os.path.join(wd, "metrics.json")))["bag_per_task"]["grade"]["num_bags"] == 2
+  att = _read_csv(os.path.join(wd, "attention", "m9.csv"))
+  assert list(att[0]) == ["instance", "witness", "attention", "attention_tumor",
+                          "attention_grade"]
+  assert [r["attention"] for r in att] == [r["attention_tumor"] for r in att]
+  assert [r["attention"] for r in att][::-1] == [r["attention_grade"] for r in att]
   # Rerunning resumes the trained head: identical predictions.
   again = pipeline.train_and_evaluate_features(cfg, wd)
   assert again["per_bag"] == res["per_bag"]
