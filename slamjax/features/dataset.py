@@ -371,6 +371,8 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
   if not root:
     raise FeatureDataError("config.data.root is not set: pass the feature folder, "
                            "e.g. --config.data.root=/path/to/features")
+  if not os.path.isdir(root):
+    raise FeatureDataError(f"feature folder {root} does not exist")
   path = manifest
   if not os.path.isabs(path) and not os.path.isfile(path):
     path = os.path.join(root, manifest)
