@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.width = 8 if quick else 16
   c.model.proj_dims = (64, 64) if quick else (512, 512)
   c.model.impl = "auto"
+  c.model.head_norm = False
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name
@@ -89,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 10
   c.eval.num_plot_bags = 4
+  c.eval.export_features = False  # write embeddings/attention for other MIL tools
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # size of the data-parallel axis; -1 = all devices

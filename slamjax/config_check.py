@@ -26,14 +26,14 @@ SCHEMA = {
              "reuse_cells", "multi_label"},
     "augment": {"crop_size", "flip", "jitter_strength", "jitter_prob",
                 "rot90_prob", "mean", "std"},
-    "model": {"name", "width", "proj_dims", "impl"},
+    "model": {"name", "width", "proj_dims", "impl", "head_norm"},
     "pretrain": {"surgery", "surgery_kwargs", "epochs", "batch_size", "lr",
                  "momentum", "weight_decay", "warmup_epochs", "temperature",
                  "base_temperature", "checkpoint_every_steps", "log_every_steps",
                  "task_weights"},
     "embed": {"batch_size", "output"},
     "mil": None,  # head-specific keys; validated by the head registry
-    "eval": {"top_k", "num_plot_bags", "linear_probe"},
+    "eval": {"top_k", "num_plot_bags", "linear_probe", "export_features"},
     "mesh": {"data"},
     "distributed": None,
 }

@@ -59,13 +59,7 @@ class TrainState:
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> resnet.Encoder:
-  if cfg.model.name != "resnet18":
-    raise ValueError(f"config.model.name={cfg.model.name!r}; valid: ['resnet18']")
-  kwargs = {}
-  if "impl" in resnet.Encoder.__dataclass_fields__:
-    kwargs["impl"] = cfg.model.get("impl", "auto")
-  return resnet.Encoder(width=cfg.model.width,
-                        proj_dims=tuple(cfg.model.proj_dims), **kwargs)
+  return resnet.get_model(cfg.model)
 
 
 def build_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:

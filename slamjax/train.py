@@ -113,6 +113,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   print(f"embed: {sum(len(e) for es in emb.values() for e in es)} cells -> "
         f"dim {emb['train'][0].shape[1]} in {timing['embed']:.1f}s", flush=True)
 
+  if cfg.eval.get("export_features", False):  # raw embeddings, HDF5 per bag
+    from slamjax.features import export as features_export
+    features_export.export_embeddings(workdir, pool, bags, emb)
+
   # Standardise with training-bag statistics: projection outputs have an
   # arbitrary scale, which otherwise saturates the head at initialisation.
   flat = np.concatenate(emb["train"])
@@ -124,6 +128,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, workdir, cfg.seed)
   out = mil_train.predict(cfg.mil, mil_state, emb["test"])
   timing["mil"] = time.perf_counter() - t0
+  if cfg.eval.get("export_features", False):
+    features_export.export_bag_attention(workdir, pool, test, "test", out["attention"],
+                                         out.get("task_attention"))
 
   probs = out["prob"][:, 0]
   pos = np.flatnonzero(test.bag_labels == 1)
