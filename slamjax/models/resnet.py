@@ -87,14 +87,22 @@ class ResNet18(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-  """MLP head: Dense-ReLU-...-Dense (the reference uses 512-512)."""
+  """MLP head: Dense-ReLU-...-Dense (the reference uses 512-512).
+
+  ``norm=True`` adds BatchNorm after every hidden Dense, as SimCLR's own
+  head does; it keeps the head from mapping every cell to one point.
+  """
   dims: Sequence[int] = (512, 512)
+  norm: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = True):
     for i, d in enumerate(self.dims):
       x = nn.Dense(d, name=f"dense{i + 1}")(x)
       if i < len(self.dims) - 1:
+        if self.norm:
+          x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, name=f"bn{i + 1}")(x)
         x = nn.relu(x)
     return x
 
@@ -107,6 +115,7 @@ class Encoder(nn.Module):
   width: int = 64
   proj_dims: Sequence[int] = (512, 512)
   impl: str = "auto"
+  head_norm: bool = False
 
   def __post_init__(self):
     if self.impl not in layers.IMPLS:
@@ -119,7 +128,7 @@ class Encoder(nn.Module):
     if impl == "cpu":
       layers.tune_cpu_allocator()
     feats = ResNet18(width=self.width, impl=impl, name="backbone")(x, train)
-    z = ProjectionHead(self.proj_dims, name="head")(feats)
+    z = ProjectionHead(self.proj_dims, norm=self.head_norm, name="head")(feats, train)
     return feats, z
 
 
@@ -129,4 +138,6 @@ def get_model(model_cfg) -> Encoder:
   if name != "resnet18":
     raise ValueError(f"config.model.name={name!r}; valid: ['resnet18']")
   impl = model_cfg.get("impl", "auto") if hasattr(model_cfg, "get") else model_cfg.impl
-  return Encoder(width=model_cfg.width, proj_dims=tuple(model_cfg.proj_dims), impl=impl)
+  head_norm = model_cfg.get("head_norm", False) if hasattr(model_cfg, "get") else False
+  return Encoder(width=model_cfg.width, proj_dims=tuple(model_cfg.proj_dims), impl=impl,
+                 head_norm=head_norm)
