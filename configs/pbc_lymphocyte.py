@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.width = 8 if quick else 16
   c.model.proj_dims = (64, 64) if quick else (512, 512)
   c.model.impl = "auto"
+  c.model.head_norm = False
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"
@@ -109,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 1 if quick else 5  # = witnesses per positive bag at 10%
   c.eval.num_plot_bags = 2 if quick else 4
+  c.eval.export_features = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
