@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"
   c.data.image_size = 40
+  c.data.stain_std = 0.06  # per-crop stain colour variation
   c.data.num_per_class = {"normal": 300 if quick else 4000,
                           "blast": 60 if quick else 240}
 
@@ -58,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name
+  c.pretrain.surgery_granularity = "model"  # or "leaf": one surgery per tensor
   # Loss weights of (SimCLR, similarity); (1, 0) / (0, 1) give the
   # single-task baselines.
   c.pretrain.task_weights = (1.0, 1.0)

@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"
+  c.pretrain.surgery_granularity = "model"  # or "leaf": one surgery per tensor
   c.pretrain.task_weights = (1.0, 1.0)  # (SimCLR, similarity)
   c.pretrain.epochs = 1 if quick else 40
   c.pretrain.batch_size = 16 if quick else 128

@@ -19,7 +19,7 @@ import ml_collections
 SCHEMA = {
     "": {"seed", "data", "bags", "augment", "model", "pretrain", "embed", "mil",
          "eval", "mesh", "distributed"},
-    "data": {"source", "image_size", "num_per_class", "root", "manifest",
+    "data": {"source", "image_size", "num_per_class", "stain_std", "root", "manifest",
              "dedup", "skip_bad_files", "num_workers", "classes", "max_per_class"},
     "bags": {"normal_classes", "abnormal_classes", "normal_proportions",
              "witness_rate", "bag_size", "bags_per_split", "split_fractions",
@@ -27,7 +27,7 @@ SCHEMA = {
     "augment": {"crop_size", "flip", "jitter_strength", "jitter_prob",
                 "rot90_prob", "mean", "std"},
     "model": {"name", "width", "proj_dims", "impl", "head_norm"},
-    "pretrain": {"surgery", "surgery_kwargs", "epochs", "batch_size", "lr",
+    "pretrain": {"surgery", "surgery_kwargs", "surgery_granularity", "epochs", "batch_size", "lr",
                  "momentum", "weight_decay", "warmup_epochs", "temperature",
                  "base_temperature", "checkpoint_every_steps", "log_every_steps",
                  "task_weights"},

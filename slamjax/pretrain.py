@@ -70,20 +70,39 @@ def build_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
       0.0, cfg.pretrain.lr, warmup_steps=warmup, decay_steps=total, end_value=0.0)
 
 
-def build_surgery(cfg) -> optax.GradientTransformation:
+def build_surgery(cfg, model=None) -> optax.GradientTransformation:
+  """The surgery transform; ``surgery_granularity='leaf'`` runs one per leaf.
+
+  Per-leaf surgery (as GradVac's per-layer groups) resolves conflicts inside
+  every weight tensor separately instead of on the whole parameter vector.
+  """
   name = cfg.pretrain.surgery
   kwargs = dict(cfg.pretrain.get("surgery_kwargs", {}) or {})
-  return surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
+  make = lambda: surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
+  granularity = cfg.pretrain.get("surgery_granularity", "model")
+  if granularity == "model":
+    return make()
+  if granularity != "leaf":
+    raise ValueError(f"config.pretrain.surgery_granularity={granularity!r}; "
+                     "valid: 'model', 'leaf'")
+  crop = cfg.augment.crop_size
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, crop, crop, 3)), train=False)["params"])
+  label = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path), tree)
+  names = jax.tree.leaves(label(shapes))
+  return optax.partition({n: make() for n in names}, label)
 
 
 def build(cfg, steps_per_epoch: int):
   """(model, optax chain, lr schedule): surgery -> weight decay -> SGD."""
   schedule = build_schedule(cfg, steps_per_epoch)
+  model = build_model(cfg)
   tx = optax.chain(
-      build_surgery(cfg),
+      build_surgery(cfg, model),
       optax.add_decayed_weights(cfg.pretrain.weight_decay),  # torch-style L2
       optax.sgd(schedule, momentum=cfg.pretrain.momentum))
-  return build_model(cfg), tx, schedule
+  return model, tx, schedule
 
 
 def init_state(cfg, model, tx, mesh, image_size: int) -> TrainState:
@@ -172,7 +191,9 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
                    embed_std=aux["embed_std"],
                    update_norm=optax.tree.norm(updates),
                    param_norm=optax.tree.norm(params), **extra)
-    for k, v in surgery.diagnostics(opt_state).items():
+    diag = {} if cfg.pretrain.get("surgery_granularity", "model") == "leaf" else (
+        surgery.diagnostics(opt_state))
+    for k, v in diag.items():
       if v.ndim == 0:
         metrics[f"surgery/{k}"] = v
       elif v.shape == (len(TASKS),):  # per-task vectors, e.g. weights

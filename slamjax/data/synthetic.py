@@ -42,19 +42,20 @@ class Morphology:
 
 
 MORPHOLOGIES: dict[str, Morphology] = {
-    # Mature lymphocyte-like cell: round nucleus, smooth dense chromatin.
+    # Mature lymphocyte-like cell: round, evenly dense nucleus.
     "normal": Morphology(
         cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.03,
         lobes=(2, 4), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
-        texture_scale=3.5, texture_contrast=0.12, nucleoli=(0, 0),
+        texture_scale=2.5, texture_contrast=0.15, nucleoli=(0, 0),
         nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
-    # Blast-like: same size and stain range, but a lobulated nucleus, coarse
-    # high-contrast granular chromatin and pale nucleoli.
+    # Blast-like: same size and stain range; a notched nucleus with large pale
+    # nucleoli. Its chromatin is slightly darker so that the mean intensity
+    # matches normal cells: the difference is in shape, not in mean colour.
     "blast": Morphology(
-        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.16,
+        cell_radius=(0.21, 0.32), nucleus_ratio=(0.68, 0.86), lobularity=0.10,
         lobes=(3, 6), eccentricity=(0.8, 1.0), nucleus_offset=0.12,
-        texture_scale=1.6, texture_contrast=0.40, nucleoli=(2, 3),
-        nucleus_rgb=(0.36, 0.21, 0.48), cytoplasm_rgb=(0.60, 0.64, 0.85)),
+        texture_scale=2.5, texture_contrast=0.15, nucleoli=(2, 3),
+        nucleus_rgb=(0.33, 0.18, 0.45), cytoplasm_rgb=(0.60, 0.64, 0.85)),
     # Erythroblast-like: small, very round dark nucleus, pinkish cytoplasm.
     "erythroblast": Morphology(
         cell_radius=(0.18, 0.26), nucleus_ratio=(0.55, 0.70), lobularity=0.02,
@@ -92,12 +93,12 @@ def _blob_mask(yy, xx, cy, cx, radius, ecc, angle, lob_amp, lob_k, lob_phase):
 
 
 def render_cell(rng: np.random.Generator, morph: Morphology,
-                image_size: int) -> np.ndarray:
+                image_size: int, stain_std: float = 0.06) -> np.ndarray:
   """Renders one crop as float32 RGB in [0, 1], shape (S, S, 3)."""
   s = image_size
   px = s / 64.0  # texture and blur sizes are specified at 64 px
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-  stain = 1.0 + rng.normal(0.0, 0.06, 3)  # per-crop stain colour shift
+  stain = 1.0 + rng.normal(0.0, stain_std, 3)  # per-crop stain colour shift
   img = np.broadcast_to(_BACKGROUND_RGB * stain, (s, s, 3)).copy()
 
   # Background red-cell discs with a pale centre, partly outside the crop.
@@ -137,11 +138,11 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
   shade = 1.0 + morph.texture_contrast * texture
   nuc_rgb = np.asarray(morph.nucleus_rgb) * stain * shade[..., None]
   for _ in range(rng.integers(morph.nucleoli[0], morph.nucleoli[1] + 1)):
-    rad = rng.uniform(0.1, 0.4) * nr
+    rad = rng.uniform(0.15, 0.5) * nr
     t = rng.uniform(0, 2 * np.pi)
     spot = _blob_mask(yy, xx, ny + rad * np.sin(t), nx + rad * np.cos(t),
-                      rng.uniform(0.12, 0.18) * nr, 1.0, 0.0, 0.0, 1, 0.0)
-    nuc_rgb = nuc_rgb * (1 - 0.6 * spot[..., None]) + 0.6 * spot[..., None] * (
+                      rng.uniform(0.20, 0.28) * nr, 1.0, 0.0, 0.0, 1, 0.0)
+    nuc_rgb = nuc_rgb * (1 - 0.85 * spot[..., None]) + 0.85 * spot[..., None] * (
         np.asarray(morph.cytoplasm_rgb) * stain)
   img = img * (1 - nuc[..., None]) + nuc_rgb * nuc[..., None]
 
@@ -153,7 +154,8 @@ def render_cell(rng: np.random.Generator, morph: Morphology,
 
 
 def generate_cells(num_per_class: Mapping[str, int], image_size: int = 64,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   seed: int = 0, stain_std: float = 0.06
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """Generates a labelled pool of cells.
 
   Args:
@@ -161,6 +163,7 @@ def generate_cells(num_per_class: Mapping[str, int], image_size: int = 64,
       ``MORPHOLOGIES``) to how many cells to draw. Label i is the i-th key.
     image_size: side of the square crops in pixels.
     seed: every cell is a pure function of (seed, class index, cell index).
+    stain_std: std of the per-crop multiplicative stain colour shift.
 
   Returns:
     ``(images uint8 [N, S, S, 3], labels int32 [N])``, classes in order.
@@ -176,7 +179,7 @@ def generate_cells(num_per_class: Mapping[str, int], image_size: int = 64,
       raise ValueError(f"num_per_class[{name!r}] must be >= 0, got {n}")
     for i in range(n):
       rng = np.random.default_rng([seed, label, i])
-      images.append(render_cell(rng, MORPHOLOGIES[name], image_size))
+      images.append(render_cell(rng, MORPHOLOGIES[name], image_size, stain_std))
       labels.append(label)
   images = np.stack(images) if images else np.zeros((0, image_size, image_size, 3))
   return (np.round(images * 255).astype(np.uint8),
