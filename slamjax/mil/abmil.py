@@ -21,8 +21,9 @@ from slamjax.mil import masked
 class GatedABMIL(nn.Module):
   """h = ReLU(W x); a = softmax_n(w^T (tanh(V h) * sigmoid(U h))); y = c^T sum a h.
 
-  Returns ``logits`` [B, num_tasks], ``attention`` [B, N] (0 on padding) and
-  ``attention_logits`` [B, N] for regularisers.
+  Returns ``logits`` [B, num_tasks], ``attention`` [B, N] (0 on padding),
+  ``attention_logits`` [B, N] and ``attention_rows`` [B, 1, N] (the softmax
+  distributions that regularisers such as AEM act on).
   """
   hidden_dim: int = 128
   attention_dim: int = 64
@@ -39,5 +40,5 @@ class GatedABMIL(nn.Module):
     attn = masked.masked_softmax(scores, mask)
     bag = jnp.einsum("bn,bnd->bd", attn, h)
     logits = nn.Dense(self.num_tasks, name="classifier")(bag)
-    return {"logits": logits, "attention": attn,
+    return {"logits": logits, "attention": attn, "attention_rows": attn[:, None],
             "attention_logits": jnp.where(mask, scores, 0.0)}

@@ -1,4 +1,18 @@
-"""Training and inference of a MIL head on padded batches of embedded bags.
+"""Training and inference of any MIL head on padded batches of embedded bags.
+
+``fit`` trains the head named ``cfg.head`` (resuming from Orbax checkpoints
+under ``workdir``); ``predict`` gives bag probabilities and the attention used
+to rank cells; ``extend`` adds tasks to a trained MECDS head. Every loss is
+per bag: the supervised sigmoid BCE summed over the bag's known tasks (NaN
+labels are missing and masked out), the head's own terms (PAMIL ER and
+clustering, ASMIL anchor KD, MECDS AKD), and the optional AEM regulariser,
+averaged over the real bags of a batch (filler bags have weight 0).
+
+Per epoch, the mean of each loss term and the attention stability (mean
+Jensen-Shannon divergence between this and the previous epoch's attention on
+the first ``cfg.stability_bags`` training bags; the previous of epoch 1 is
+the uniform distribution, as in ASMIL) are appended to
+``workdir/mil_metrics.jsonl``.
 
 Example:
   >>> import numpy as np, ml_collections, tempfile
@@ -17,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -28,20 +43,28 @@ import optax
 
 from slamjax import checkpoint as ckpt_lib
 from slamjax import progress as progress_lib
+from slamjax.mil import aem as aem_lib
+from slamjax.mil import asmil
 from slamjax.mil import heads
+from slamjax.mil import mecds
+from slamjax.mil import options
 from slamjax.mil import padding
 
 
 @flax.struct.dataclass
 class MilState:
+  """Train state. ``anchor`` is ASMIL's anchor parameters (else None).
+
+  ``num_tasks`` and ``num_base`` (MECDS: tasks of the jointly routed base
+  group; None = all) are static metadata, not checkpointed arrays.
+  """
   epoch: jax.Array
   params: Any
   opt_state: Any
-
-
-def _num_tasks(labels) -> int:
-  labels = np.asarray(labels)
-  return 1 if labels.ndim == 1 else labels.shape[1]
+  step: Any = 0
+  anchor: Any = None
+  num_tasks: int = flax.struct.field(pytree_node=False, default=1)
+  num_base: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def _as_2d(labels):
@@ -49,64 +72,266 @@ def _as_2d(labels):
   return labels[:, None] if labels.ndim == 1 else labels
 
 
-def build_tx(cfg):
-  # L2 added before Adam, as torch Adam(weight_decay=...) in the references.
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+def _num_tasks(labels) -> int:
+  return _as_2d(labels).shape[1]
 
 
-def make_steps(cfg, model, tx):
-  """(train_step, apply_fn), both jitted."""
+def build_tx(cfg, total_steps: int | None = None, param_labels=None):
+  """Optimizer from ``cfg``: adam (L2 before Adam, as torch Adam) or adamw,
+  optional global-norm clipping and cosine schedule; ``param_labels``
+  ('train'/'frozen' per leaf) freezes parameters with ``set_to_zero``."""
+  cfg = options.resolve(cfg)
+  lr = cfg.lr
+  if cfg.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.lr, max(int(total_steps or 1), 1))
+  elif cfg.schedule != "constant":
+    raise ValueError(f"mil.schedule={cfg.schedule!r}; valid: constant, cosine")
+  if cfg.optimizer == "adam":
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
+  elif cfg.optimizer == "adamw":
+    tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  else:
+    raise ValueError(f"mil.optimizer={cfg.optimizer!r}; valid: adam, adamw")
+  if cfg.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  if param_labels is not None:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, param_labels)
+  return tx
 
-  def loss_fn(params, batch, rng):
+
+def make_loss_fn(cfg, spec, model, task_mask, total_steps: int):
+  """loss_fn(params, batch, rng, ctx, step) -> (loss, per-term means)."""
+  aem_w = heads.aem_weight(cfg)
+  task_mask = jnp.asarray(task_mask, bool)
+
+  def loss_fn(params, batch, rng, ctx, step):
+    r_drop, r_tok = jax.random.split(rng)
     out = model.apply(params, batch["x"], batch["mask"], train=True,
-                      rngs={"dropout": rng})
-    per_bag = optax.sigmoid_binary_cross_entropy(out["logits"], batch["label"]).mean(-1)
-    return jnp.sum(per_bag * batch["weight"]) / jnp.maximum(batch["weight"].sum(), 1.0)
+                      rngs={"dropout": r_drop, "token_drop": r_tok})
+    known = jnp.isfinite(batch["label"]) & task_mask[None]
+    y = jnp.where(known, batch["label"], 0.0)
+    bce = optax.sigmoid_binary_cross_entropy(out["logits"], y)
+    terms = {"bce": jnp.sum(jnp.where(known, bce, 0.0), -1)}
+    total = terms["bce"]
+    if spec.aux_loss is not None:
+      aux, t = spec.aux_loss(cfg, model, out, batch, known, ctx)
+      if aux is not None:
+        total = total + aux
+        terms.update(t)
+    if aem_w > 0:
+      terms["aem"] = aem_lib.aem_loss(out["attention_rows"], batch["mask"], cfg.aem_top_k)
+      total = total + aem_lib.aem_weight(aem_w, cfg.aem_schedule, step, total_steps) * terms["aem"]
+    w = batch["weight"]
+    mean = lambda v: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = mean(total)
+    return loss, dict({k: mean(v) for k, v in terms.items()}, loss=loss)
+
+  return loss_fn
+
+
+def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
+  """(train_step, apply_fn), both jitted.
+
+  ``train_step(state, batch, rng, teacher_params=None, kd_scale=1.0) ->
+  (state, metrics)``; the ASMIL anchor is EMA-updated after the optimizer
+  step when configured. ``kd_scale`` multiplies the teacher distillation term
+  (MECDS: 0 in the teacher phase, so both phases share one compilation).
+  """
+  cfg = options.resolve(cfg)
+  spec = spec or heads.get_spec(cfg)
+  if task_mask is None:
+    task_mask = np.ones((getattr(model, "num_tasks", 1),), bool)
+  loss_fn = make_loss_fn(cfg, spec, model, task_mask, total_steps)
+  ema = spec.anchor and cfg.asmil.anchor == "ema"
 
   @jax.jit
-  def train_step(state, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+  def train_step(state, batch, rng, teacher_params=None, kd_scale=1.0):
+    ctx = {"anchor_params": state.anchor, "teacher_params": teacher_params,
+           "kd_scale": kd_scale}
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng, ctx, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), loss
+    params = optax.apply_updates(state.params, updates)
+    anchor = asmil.ema_update(state.anchor, params, cfg.asmil.anchor_decay) if ema else state.anchor
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                         anchor=anchor), metrics
 
-  @jax.jit
-  def apply_fn(params, x, mask):
-    return model.apply(params, x, mask, train=False)
-
-  return train_step, apply_fn
+  return train_step, _apply_fn(model)
 
 
-def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> MilState:
-  """Trains (or resumes) a head; checkpoints every ``cfg.checkpoint_every_epochs``."""
-  labels2 = _as_2d(labels)
-  model = heads.get_head(cfg, _num_tasks(labels))
-  tx = build_tx(cfg)
-  first = padding.pad_batch(bags[:1], labels2[:1], cfg.batch_size)
-  params = model.init(jax.random.PRNGKey(seed), first["x"], first["mask"])
+# Compiled functions are cached per (module, config, ...) so that phases,
+# predict and repeated fits of the same head reuse one XLA compilation.
+_CACHE: dict = {}
+
+
+def _cached(key, make):
+  if key not in _CACHE:
+    _CACHE[key] = make()
+  return _CACHE[key]
+
+
+def _apply_fn(model):
+  return _cached(("apply", model), lambda: jax.jit(
+      lambda params, x, mask: model.apply(params, x, mask, train=False)))
+
+
+def _init_fn(model):
+  # Jitted: an eager init compiles every op separately (seconds on CPU).
+  return _cached(("init", model), lambda: jax.jit(model.init))
+
+
+def _steps(cfg, spec, model, task_mask, total_steps, param_labels):
+  """(tx, train_step, apply_fn) for a phase, cached."""
+  labels_key = None
+  if param_labels is not None:
+    leaves, treedef = jax.tree.flatten(param_labels)
+    labels_key = (treedef, tuple(leaves))
+  # Keys that do not enter the step function are left out of the cache key.
+  step_cfg = cfg.to_dict()
+  for k in ("epochs", "checkpoint_every_epochs", "stability_bags"):
+    step_cfg.pop(k, None)
+  step_cfg["mecds"] = dict(step_cfg["mecds"], teacher_epochs=None, student_init=None)
+  if cfg.schedule == "constant" and (cfg.aem_schedule == "constant"
+                                     or heads.aem_weight(cfg) == 0):
+    total_steps = 1  # no schedule reads it
+  key = ("steps", model, json.dumps(step_cfg, sort_keys=True, default=str),
+         tuple(bool(t) for t in task_mask), total_steps, labels_key)
+
+  def make():
+    tx = build_tx(cfg, total_steps, param_labels)
+    return (tx,) + make_steps(cfg, model, tx, spec, task_mask, total_steps)
+
+  return _cached(key, make)
+
+
+def _init_params(cfg, model, bags, seed: int):
+  first = padding.pad_batch(bags[:1], np.zeros((1, 1), np.float32), cfg.batch_size, cfg.min_len)
+  return _init_fn(model)(jax.random.PRNGKey(seed), first["x"], first["mask"])
+
+
+def _attention(cfg, apply_fn, params, bags, key="attention"):
+  out_list = [None] * len(bags)
+  dummy = np.zeros((len(bags), 1), np.float32)
+  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len):
+    att = np.asarray(jax.device_get(apply_fn(params, batch["x"], batch["mask"])[key]))
+    for j, b in enumerate(idx):
+      out_list[b] = att[j][..., :len(bags[b])]
+  return out_list
+
+
+def attention_jsd(prev: list, cur: list, eps: float = 1e-8) -> float:
+  """Mean JSD between two epochs' attention over the same bags (None = uniform).
+
+  Host (numpy) version of :func:`slamjax.mil.masked.jsd`: renormalised,
+  clamped at ``eps``, natural log.
+  """
+  vals = []
+  for p, q in zip(prev, cur):
+    q = np.asarray(q, np.float64)
+    p = np.full_like(q, 1.0 / len(q)) if p is None else np.asarray(p, np.float64)
+    p, q = np.maximum(p / p.sum(), eps), np.maximum(q / q.sum(), eps)
+    m = 0.5 * (p + q)
+    vals.append(float(np.sum(0.5 * p * np.log(p / m) + 0.5 * q * np.log(q / m))))
+  return float(np.mean(vals)) if vals else float("nan")
+
+
+def _epoch_order(n, seed, epoch, weights=None):
+  rng = np.random.default_rng([seed, epoch])
+  if weights is None:
+    return rng.permutation(n)
+  return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+def _rewrite_metrics(path, phase, upto_epoch):
+  """Drops logged epochs of ``phase`` after ``upto_epoch`` (they are redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  keep = [l for l in lines if not (json.loads(l).get("phase") == phase
+                                  and json.loads(l)["epoch"] > upto_epoch)]
+  if len(keep) != len(lines):
+    with open(path, "w") as f:
+      f.writelines(keep)
+
+
+def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: str,
+               seed: int, verbose: bool, *, num_tasks: int, num_base=None, epochs=None,
+               balanced: bool = False, teacher_params=None, init_params=None,
+               frozen=None, task_mask=None) -> MilState:
+  epochs = cfg.epochs if epochs is None else epochs
+  model = spec.build(cfg, num_tasks, num_base)
+  if init_params is None:
+    params = _init_params(cfg, model, bags, seed)
+    if spec.init_params is not None:
+      params = spec.init_params(cfg, params, bags, seed)
+  else:
+    params = init_params
+  if frozen is None and spec.frozen is not None:
+    frozen = spec.frozen(cfg)
+  steps_per_epoch = math.ceil(len(bags) / cfg.batch_size)
+  total_steps = epochs * steps_per_epoch
+  labels_tree = heads.path_labels(params, frozen) if frozen is not None else None
+  if task_mask is None:
+    task_mask = np.ones((num_tasks,), bool)
+  tx, train_step, apply_fn = _steps(cfg, spec, model, task_mask, total_steps, labels_tree)
+  anchor = None
+  if spec.anchor:
+    # EMA: starts as the online parameters (arrays are immutable: no copy).
+    anchor = (params if cfg.asmil.anchor == "ema"
+              else _init_params(cfg, model, bags, seed + 1))
+    if cfg.asmil.anchor not in ("ema", "frozen_random"):
+      raise ValueError(f"mil.asmil.anchor={cfg.asmil.anchor!r}; valid: ema, frozen_random")
   state = MilState(epoch=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=tx.init(params))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "mil_ckpt"))
+                   opt_state=jax.jit(tx.init)(params),
+                   step=jnp.zeros((), jnp.int32), anchor=anchor, num_tasks=num_tasks,
+                   num_base=num_base)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_name))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
-  train_step, _ = make_steps(cfg, model, tx)
-  writer = progress_lib.create_writer(os.path.join(workdir, "tb", "mil")) if verbose else None
-  prog = progress_lib.Progress("mil", cfg.epochs, max(1, cfg.epochs // 10),
-                               int(state.epoch), unit="epochs")
-  for epoch in range(int(state.epoch), cfg.epochs):
-    order = np.random.default_rng([seed, epoch]).permutation(len(bags))
-    losses = []
-    for i, (_, batch) in enumerate(padding.iterate_batches(bags, labels2, cfg.batch_size, order)):
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed + 7), epoch * 100_003 + i)
-      state, loss = train_step(state, batch, rng)
-      losses.append(loss)
+  start = int(state.epoch)
+  if start >= epochs:
+    ckpt.close()
+    return state
+  weights = None
+  if balanced:
+    weights = mecds.balanced_weights(np.where(task_mask[None], labels2, np.nan))
+  metrics_path = os.path.join(workdir, "mil_metrics.jsonl")
+  _rewrite_metrics(metrics_path, phase, start)
+  writer = None
+  if verbose:
+    writer = progress_lib.create_writer(os.path.join(
+        workdir, "tb", "mil" if phase == "train" else f"mil_{ckpt_name}"))
+  prog = progress_lib.Progress(f"mil/{phase}", epochs, max(1, epochs // 10), start,
+                               unit="epochs")
+  probe = list(bags[:cfg.stability_bags])
+  prev = _attention(cfg, apply_fn, state.params, probe) if start > 0 else [None] * len(probe)
+  base_key = jax.random.PRNGKey(seed + 7)
+  kd_scale = jnp.float32(1.0)
+  if "teacher" in spec.phases and teacher_params is None:
+    # Teacher phase: a stand-in teacher with weight 0 keeps one compilation.
+    teacher_params, kd_scale = state.params, jnp.float32(0.0)
+  for epoch in range(start, epochs):
+    order = _epoch_order(len(bags), seed, epoch, weights)
+    logs = []
+    for i, (_, batch) in enumerate(padding.iterate_batches(
+        bags, labels2, cfg.batch_size, order, min_len=cfg.min_len)):
+      rng = jax.random.fold_in(base_key, epoch * 100_003 + i)
+      state, m = train_step(state, batch, rng, teacher_params, kd_scale)
+      logs.append(m)
     state = state.replace(epoch=state.epoch + 1)
-    mean_loss = float(np.mean(jax.device_get(losses)))
-    progress_lib.check_finite(epoch + 1, {"mil_loss": mean_loss})
+    logs = jax.device_get(logs)
+    record = {k: float(np.mean([l[k] for l in logs])) for k in logs[0]}
+    cur = _attention(cfg, apply_fn, state.params, probe)
+    record["attention_jsd"] = attention_jsd(prev, cur)
+    prev = cur
+    progress_lib.check_finite(epoch + 1, {"mil_loss": record["loss"]})
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(dict(phase=phase, epoch=epoch + 1, head=cfg.head, **record)) + "\n")
     if verbose:
-      writer.write_scalars(epoch + 1, {"mil_loss": mean_loss})
-      prog.update(epoch + 1, {"loss": mean_loss})
-    if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.epochs:
+      writer.write_scalars(epoch + 1, {f"mil_{k}": v for k, v in record.items()})
+      prog.update(epoch + 1, record)
+    if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs:
       ckpt.save(epoch + 1, state, force=True)
   ckpt.wait()
   ckpt.close()
@@ -115,19 +340,111 @@ def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> Mil
   return state
 
 
+def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> MilState:
+  """Trains (or resumes) the head ``cfg.head``; checkpoints every
+  ``cfg.checkpoint_every_epochs`` under ``workdir/mil_ckpt``.
+
+  ``labels`` is [n] (one task) or [n, T] (multi-task; NaN = unknown). MECDS
+  first trains a teacher with class-balanced resampling
+  (``workdir/mil_ckpt_teacher``), then the student with natural sampling and
+  the AKD loss toward the frozen teacher.
+  """
+  cfg = options.resolve(cfg)
+  spec = heads.get_spec(cfg)
+  labels2 = _as_2d(labels)
+  num_tasks = labels2.shape[1]
+  if spec.phases == ("train",):
+    return _run_phase(cfg, spec, "train", bags, labels2, workdir, "mil_ckpt", seed, verbose,
+                      num_tasks=num_tasks)
+  m = cfg.mecds
+  teacher = _run_phase(cfg, spec, "teacher", bags, labels2, workdir, "mil_ckpt_teacher",
+                       seed, verbose, num_tasks=num_tasks, balanced=True,
+                       epochs=m.teacher_epochs or cfg.epochs)
+  init = teacher.params if m.student_init == "teacher" else None
+  if m.student_init not in ("fresh", "teacher"):
+    raise ValueError(f"mil.mecds.student_init={m.student_init!r}; valid: fresh, teacher")
+  return _run_phase(cfg, spec, "student", bags, labels2, workdir, "mil_ckpt", seed + 1,
+                    verbose, num_tasks=num_tasks, teacher_params=teacher.params,
+                    init_params=init)
+
+
+def _merge_tasks(old_params, new_params, new_names):
+  inner = dict(old_params["params"])
+  for name in new_names:
+    inner[name] = new_params["params"][name]
+  return dict(old_params, params=inner)
+
+
+def extend(cfg, state: MilState, bags, labels, workdir: str, seed: int,
+           verbose: bool = True) -> MilState:
+  """Adds ``labels``' task(s) to a trained MECDS head; trains only them.
+
+  Each new task gets its own token, router gate, experts and head
+  (``task_{k}``); every other parameter is frozen, and the old tasks'
+  predictions are bitwise unchanged (see ``slamjax.mil.mecds``). Teacher
+  phase (balanced resampling) then student phase (AKD), both on the new
+  labels only; checkpoints under ``workdir/mil_ckpt_extend{T}[_teacher]``.
+  """
+  cfg = options.resolve(cfg)
+  spec = heads.get_spec(cfg)
+  if not spec.extensible:
+    raise ValueError(f"head {cfg.head!r} does not support task extension (use mecds)")
+  new = _as_2d(labels)
+  t_old, k = state.num_tasks, new.shape[1]
+  num_base = state.num_base if state.num_base is not None else t_old
+  t_new = t_old + k
+  names = [f"task_{t}" for t in range(t_old, t_new)]
+  labels2 = np.concatenate([np.full((len(bags), t_old), np.nan, np.float32), new], 1)
+  task_mask = np.arange(t_new) >= t_old
+  frozen = lambda path: len(path) < 2 or path[1] not in names
+  model = spec.build(cfg, t_new, num_base)
+  fresh = lambda s: _merge_tasks(state.params, _init_params(cfg, model, bags, s), names)
+  m = cfg.mecds
+  common = dict(num_tasks=t_new, num_base=num_base, frozen=frozen, task_mask=task_mask)
+  teacher = _run_phase(cfg, spec, "teacher", bags, labels2, workdir,
+                       f"mil_ckpt_extend{t_old}_teacher", seed, verbose, balanced=True,
+                       epochs=m.teacher_epochs or cfg.epochs, init_params=fresh(seed),
+                       **common)
+  init = teacher.params if m.student_init == "teacher" else fresh(seed + 1)
+  student = _run_phase(cfg, spec, "student", bags, labels2, workdir,
+                       f"mil_ckpt_extend{t_old}", seed + 1, verbose,
+                       teacher_params=teacher.params, init_params=init, **common)
+  # set_to_zero keeps frozen leaves exact up to the sign of zero; restore them.
+  return student.replace(params=_merge_tasks(state.params, student.params, names))
+
+
 def predict(cfg, state: MilState, bags, num_tasks: int | None = None) -> dict:
-  """Bag probabilities [n_bags, T] and per-bag attention (unpadded arrays)."""
-  if num_tasks is None:
-    leaves = jax.tree.leaves(state.params["params"]["classifier"])
-    num_tasks = [l for l in leaves if l.ndim == 1][0].shape[0]
-  model = heads.get_head(cfg, num_tasks)
-  _, apply_fn = make_steps(cfg, model, build_tx(cfg))
+  """Bag probabilities and attention, unpadded.
+
+  Returns ``prob`` [n_bags, T], ``attention`` (per bag, the 1-D attention
+  used to rank its cells) and, for heads with per-task attention,
+  ``task_attention`` (per bag, [T, n_i]). Old-task columns of an extended
+  MECDS head are computed by the base-group program alone.
+  """
+  cfg = options.resolve(cfg)
+  spec = heads.get_spec(cfg)
+  num_tasks = state.num_tasks if num_tasks is None else num_tasks
+  model = spec.build(cfg, num_tasks, state.num_base)
+  apply_fn = _apply_fn(model)
+  base_fn = None
+  if state.num_base is not None and state.num_base < num_tasks:
+    base_fn = _cached(("apply_base", model), lambda: jax.jit(
+        lambda p, x, m: model.apply(p, x, m, only_base=True)["logits"]))
   probs = np.zeros((len(bags), num_tasks), np.float32)
-  attention = [None] * len(bags)
-  dummy = np.zeros((len(bags), num_tasks), np.float32)
-  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size):
+  attention, task_attention = [None] * len(bags), [None] * len(bags)
+  dummy = np.zeros((len(bags), 1), np.float32)
+  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len):
     out = jax.device_get(apply_fn(state.params, batch["x"], batch["mask"]))
+    logits = np.array(out["logits"])
+    if base_fn is not None:
+      logits[:, :state.num_base] = np.asarray(base_fn(state.params, batch["x"], batch["mask"]))
     for j, b in enumerate(idx):
-      probs[b] = 1 / (1 + np.exp(-out["logits"][j]))
-      attention[b] = np.asarray(out["attention"][j][:len(bags[b])])
-  return {"prob": probs, "attention": attention}
+      n = len(bags[b])
+      probs[b] = 1 / (1 + np.exp(-logits[j]))
+      attention[b] = np.asarray(out["attention"][j][:n])
+      if "task_attention" in out:
+        task_attention[b] = np.asarray(out["task_attention"][j][:, :n])
+  result = {"prob": probs, "attention": attention}
+  if task_attention[0] is not None:
+    result["task_attention"] = task_attention
+  return result
