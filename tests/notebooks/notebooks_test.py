@@ -21,13 +21,11 @@ import tempfile
 import time
 from datetime import datetime
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-from jupyter_client import AsyncKernelManager  # noqa: E402  (nbclient's dependency)
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
+from jupyter_client import AsyncKernelManager  # nbclient's dependency
+from jupyter_client.kernelspec import KernelSpecManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NB_DIR = os.path.join(ROOT, "notebooks")
@@ -47,10 +45,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("SLAMJAX_SKIP_NOTEBOOKS") == "1",
 
 
 @pytest.fixture(scope="session")
-def kernel_dir(tmp_path_factory):
-  """A folder with one kernel spec, KERNEL, that runs *this* interpreter.
+def kernel(tmp_path_factory):
+  """(kernel-spec folder, kernel environment) shared by every notebook run.
 
-  (A user-level 'python3' spec may point at another Python; this one cannot.)
+  The folder holds one spec, KERNEL, that runs *this* interpreter (a
+  user-level 'python3' spec may point at another Python; this one cannot).
+  The environment turns on the notebooks' smoke settings and JAX's
+  persistent compilation cache.
   """
   kernels = tmp_path_factory.mktemp("kernels")
   spec_dir = kernels / KERNEL
@@ -59,24 +60,17 @@ def kernel_dir(tmp_path_factory):
       "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher",
                "-f", "{connection_file}"],
       "display_name": "slamjax notebook test", "language": "python"}))
-  return str(kernels)
-
-
-@pytest.fixture(scope="session")
-def kernel_env(kernel_dir):
-  """The kernel's environment: smoke settings and a shared compilation cache."""
   cache = os.environ.get("SLAMJAX_NOTEBOOK_JAX_CACHE") or os.path.join(
       tempfile.gettempdir(), "slamjax_notebook_jax_cache")
   env = dict(os.environ)
   env.update({
-      "SLAMJAX_NOTEBOOK_KERNEL_DIR": kernel_dir,
       "SLAMJAX_NOTEBOOK_SMOKE": "1",
       "JAX_COMPILATION_CACHE_DIR": cache,
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
       "MPLBACKEND": "module://matplotlib_inline.backend_inline",
       "PYDEVD_DISABLE_FILE_VALIDATION": "1",
   })
-  return env
+  return str(kernels), env
 
 
 def _outputs(nb, kind):
@@ -102,13 +96,14 @@ def _cell_seconds(nb):
   return sorted(out, reverse=True)
 
 
-def run_notebook(name, env, workdir, limit_s, **extra_env):
+def run_notebook(name, kernel, workdir, limit_s, **extra_env):
   """Executes notebooks/<name>.ipynb; returns (executed notebook, seconds)."""
   path = os.path.join(NB_DIR, f"{name}.ipynb")
   nb = nbformat.read(path, as_version=4)
+  kernel_dir, env = kernel
   env = dict(env, SLAMJAX_NOTEBOOK_WORKDIR=str(workdir), **extra_env)
-  km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(
-      kernel_dirs=[env.pop("SLAMJAX_NOTEBOOK_KERNEL_DIR")]))
+  km = AsyncKernelManager(kernel_name=KERNEL,
+                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
   client = nbclient.NotebookClient(
       nb, km=km, timeout=limit_s, kernel_name=KERNEL, allow_errors=False,
       resources={"metadata": {"path": NB_DIR}})
@@ -124,6 +119,11 @@ def run_notebook(name, env, workdir, limit_s, **extra_env):
   slow = ", ".join(f"cell {i} {s:.0f}s ({line})" for s, i, line in _cell_seconds(nb)[:4])
   print(f"{name}.ipynb: {seconds:.1f}s; slowest: {slow}")
   return nb, seconds
+
+
+def test_every_notebook_is_executed_here():
+  on_disk = {f[:-len(".ipynb")] for f in os.listdir(NB_DIR) if f.endswith(".ipynb")}
+  assert on_disk == set(NOTEBOOKS), "add new notebooks to NOTEBOOKS"
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
@@ -148,24 +148,24 @@ def _check(name, nb, seconds, record_property):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "gradient_surgery"])
-def test_notebook_executes(name, kernel_env, tmp_path, record_property):
+def test_notebook_executes(name, kernel, tmp_path, record_property):
   limit = NOTEBOOKS[name]["limit_s"]
-  nb, seconds = run_notebook(name, kernel_env, tmp_path / "work", limit)
+  nb, seconds = run_notebook(name, kernel, tmp_path / "work", limit)
   _check(name, nb, seconds, record_property)
 
 
-def test_pbc_attention_executes(kernel_env, tmp_path, record_property):
+def test_pbc_attention_executes(kernel, tmp_path, record_property):
   if not os.path.isdir(PBC_ROOT):
     pytest.skip(f"PBC data not found at {PBC_ROOT} (the no-data path is tested below)")
   limit = NOTEBOOKS["pbc_attention"]["limit_s"]
-  nb, seconds = run_notebook("pbc_attention", kernel_env, tmp_path / "work", limit,
+  nb, seconds = run_notebook("pbc_attention", kernel, tmp_path / "work", limit,
                              SLAMJAX_PBC_ROOT=PBC_ROOT)
   _check("pbc_attention", nb, seconds, record_property)
 
 
-def test_pbc_attention_without_data_explains_and_skips(kernel_env, tmp_path):
+def test_pbc_attention_without_data_explains_and_skips(kernel, tmp_path):
   missing = tmp_path / "no_pbc_here"
-  nb, _ = run_notebook("pbc_attention", kernel_env, tmp_path / "work", 120,
+  nb, _ = run_notebook("pbc_attention", kernel, tmp_path / "work", 120,
                        SLAMJAX_PBC_ROOT=str(missing))
   text = "\n".join(t for _, t in _outputs(nb, "text"))
   assert f"PBC data not found at {missing}" in text, text[-2000:]
