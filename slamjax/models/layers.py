@@ -114,6 +114,58 @@ def _native_conv(x, w, strides):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# Tunables of the 'cpu' formulation, read at trace time (for benchmarks).
+CONV_DW_MODES = ("lax", "im2col", "shift")
+OPTIONS = {"conv_dw": "lax", "pool": "custom"}
+
+
+def _conv_taps(x, kh, kw, strides):
+  """The kh*kw shifted (strided) slices of the 'SAME'-padded input."""
+  n, h, wd, c = x.shape
+  sh, sw = strides
+  ho, ph = _same_padding(h, kh, sh)
+  wo, pw = _same_padding(wd, kw, sw)
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  return [lax.slice(xp, (0, i, j, 0),
+                    (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def _weight_grad(x, dy, kernel_shape, strides, mode):
+  """dL/dkernel of a 'SAME' convolution, as matmuls over shifted slices."""
+  kh, kw, c, o = kernel_shape
+  dy2 = dy.reshape(-1, o)
+  taps = _conv_taps(x, kh, kw, strides)
+  if mode == "im2col":
+    cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    dw = lax.dot_general(cols.reshape(-1, kh * kw * c), dy2, (((0,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST)
+    return dw.reshape(kernel_shape)
+  dws = [lax.dot_general(t.reshape(-1, c), dy2, (((0,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST) for t in taps]
+  return jnp.stack(dws).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_matmul_dw(x, w, strides):
+  """XLA's convolution forward and input gradient; weight gradient by matmul."""
+  return _native_conv(x, w, strides)
+
+
+def _conv_matmul_dw_fwd(x, w, strides):
+  return _native_conv(x, w, strides), (x, w)
+
+
+def _conv_matmul_dw_bwd(strides, res, dy):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x_: _native_conv(x_, w, strides), x)
+  (dx,) = vjp_x(dy)
+  return dx, _weight_grad(x, dy, w.shape, strides, OPTIONS["conv_dw"])
+
+
+_conv_matmul_dw.defvjp(_conv_matmul_dw_fwd, _conv_matmul_dw_bwd)
+
+
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
            impl: str = "auto") -> jax.Array:
   """'SAME'-padded NHWC convolution with an HWIO kernel, no bias."""
@@ -126,31 +178,70 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
   wo = -(-x.shape[2] // strides[1])
   if (kh, kw) == (1, 1) or ho * wo <= SMALL_MAP_POSITIONS:
     return _im2col_conv(x, w, strides)
-  return _native_conv(x, w, strides)
+  if OPTIONS["conv_dw"] == "lax":
+    return _native_conv(x, w, strides)
+  return _conv_matmul_dw(x, w, strides)
 
 
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2,
              impl: str = "auto") -> jax.Array:
-  """'SAME'-padded NHWC max-pool (square window)."""
+  """'SAME'-padded NHWC max-pool (square window).
+
+  The 'cpu' gradient routes each output's gradient to the first maximal
+  element of its window, as XLA's select-and-scatter does.
+  """
   impl = resolve_impl(impl)
-  if impl == "native":
+  if impl == "native" or OPTIONS["pool"] == "native":
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding="SAME")
-  return _max_pool_slices(x, window, stride)
+  return _max_pool(x, window, stride)
 
 
-def _max_pool_slices(x, window, stride):
+def _pool_taps(x, window, stride):
   n, h, w, c = x.shape
   ho, ph = _same_padding(h, window, stride)
   wo, pw = _same_padding(w, window, stride)
   xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-jnp.inf)
-  out = None
-  for i in range(window):
-    for j in range(window):
-      s = lax.slice(xp, (0, i, j, 0),
+  return [lax.slice(xp, (0, i, j, 0),
                     (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
                     (1, stride, stride, 1))
-      out = s if out is None else jnp.maximum(out, s)
+          for i in range(window) for j in range(window)], (ho, wo, ph, pw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x, window, stride):
+  taps, _ = _pool_taps(x, window, stride)
+  out = taps[0]
+  for t in taps[1:]:
+    out = jnp.maximum(out, t)
   return out
+
+
+def _max_pool_fwd(x, window, stride):
+  y = _max_pool(x, window, stride)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, res, g):
+  x, y = res
+  n, h, w, c = x.shape
+  taps, (ho, wo, ph, pw) = _pool_taps(x, window, stride)
+  hp, wp = h + sum(ph), w + sum(pw)
+  taken, dxp = None, None
+  for idx, t in enumerate(taps):
+    i, j = divmod(idx, window)
+    hit = t == y
+    if taken is not None:
+      hit = hit & ~taken
+    taken = hit if taken is None else taken | hit
+    # Transpose of the strided slice: interior padding back onto the grid.
+    d = lax.pad(jnp.where(hit, g, 0.0).astype(x.dtype), jnp.zeros((), x.dtype),
+                ((0, 0, 0), (i, hp - i - (ho - 1) * stride - 1, stride - 1),
+                 (j, wp - j - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+    dxp = d if dxp is None else dxp + d
+  return (dxp[:, ph[0]:ph[0] + h, pw[0]:pw[0] + w],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):

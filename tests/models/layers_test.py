@@ -1,0 +1,81 @@
+"""The 'cpu' layer formulations compute the same function as the native ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slamjax.models import layers
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(np.float32))
+
+
+CONV_CASES = [
+    # (input NHWC, kernel, stride): 7x7/2 stem, 3x3/1, 3x3/2, 1x1/2, small
+    # maps (im2col path), odd sizes (asymmetric 'SAME' padding).
+    ((2, 16, 16, 3), 7, 2),
+    ((2, 9, 9, 4), 3, 1),
+    ((2, 8, 8, 4), 3, 2),
+    ((2, 7, 7, 4), 3, 2),
+    ((2, 8, 8, 4), 1, 2),
+    ((2, 2, 2, 8), 3, 1),
+    ((2, 4, 4, 8), 3, 2),
+    ((2, 1, 1, 8), 3, 1),
+]
+
+
+@pytest.mark.parametrize("shape,k,s,dw", [c + ("default",) for c in CONV_CASES] + [
+    ((2, 9, 9, 4), 3, 1, mode) for mode in layers.CONV_DW_MODES] + [
+    ((2, 7, 7, 4), 3, 2, mode) for mode in layers.CONV_DW_MODES])
+def test_conv_matches_native(shape, k, s, dw, monkeypatch):
+  if dw != "default":
+    monkeypatch.setitem(layers.OPTIONS, "conv_dw", dw)
+  x = _rand(shape, 0)
+  w = _rand((k, k, shape[-1], 6), 1) * 0.3
+  f = lambda impl: jax.jit(lambda x, w: layers.conv2d(x, w, (s, s), impl))
+  y_n, y_c = f("native")(x, w), f("cpu")(x, w)
+  assert y_n.shape == y_c.shape
+  np.testing.assert_allclose(y_c, y_n, atol=1e-5, rtol=1e-5)
+  gy = _rand(y_n.shape, 2)
+  g_n = jax.vjp(f("native"), x, w)[1](gy)
+  g_c = jax.vjp(f("cpu"), x, w)[1](gy)
+  for a, b in zip(g_c, g_n):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2), (1, 2, 2, 4), (1, 1, 1, 2)])
+def test_max_pool_matches_native(shape):
+  # relu'd input: many exact ties (zeros), where the first maximum must win.
+  x = jax.nn.relu(_rand(shape, 3))
+  fwd_bwd = lambda impl: jax.jit(lambda x, gy: jax.vjp(
+      lambda x: layers.max_pool(x, impl=impl), x)[1](gy)[0])
+  y_n = layers.max_pool(x, impl="native")
+  y_c = jax.jit(lambda x: layers.max_pool(x, impl="cpu"))(x)
+  np.testing.assert_array_equal(y_c, y_n)
+  gy = _rand(y_n.shape, 4)
+  g_n, g_c = fwd_bwd("native")(x, gy), fwd_bwd("cpu")(x, gy)
+  np.testing.assert_allclose(g_c, g_n, atol=1e-6)
+
+
+def test_max_pool_ties_go_to_first_maximum():
+  x = jnp.zeros((1, 4, 4, 1))
+  g = jax.jit(jax.grad(lambda x: layers.max_pool(x, impl="cpu").sum()))(x)
+  g_native = jax.jit(jax.grad(lambda x: layers.max_pool(x, impl="native").sum()))(x)
+  np.testing.assert_array_equal(g, g_native)
+  assert float(g.sum()) == 4.0  # one unit per output, not split among ties
+
+
+def test_resolve_impl():
+  assert layers.resolve_impl("native") == "native"
+  assert layers.resolve_impl("cpu") == "cpu"
+  expected = "cpu" if jax.default_backend() == "cpu" else "native"
+  assert layers.resolve_impl("auto") == expected
+  with pytest.raises(ValueError, match="valid"):
+    layers.resolve_impl("fast")
+
+
+def test_tune_cpu_allocator_is_idempotent():
+  first = layers.tune_cpu_allocator()
+  assert layers.tune_cpu_allocator() == first
