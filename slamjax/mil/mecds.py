@@ -39,9 +39,11 @@ Extension-safe routing. A softmax over tasks couples them: a new router would
 change the old tasks' routes and so their outputs. Tasks therefore come in a
 base group (the first ``num_base`` tasks, trained jointly, softmax + top-p
 routing among themselves) and extension tasks added later. Extension task k
-never writes to the shared instance stream: its router is a sigmoid gate and
-its gated expert output accumulates in a private view ``Z + Delta_k`` of the
-instances that only task k's token attends to in the following layers. The
+never writes to the shared instance stream: in every layer l its router is a
+sigmoid gate on the layer's (frozen) instance stream Z_l, and its gated
+expert outputs accumulate in a private view ``Z_l + Delta_k`` of the
+instances, which only task k's token attends to (keys/values through the
+frozen shared projections). The
 old tasks' computation is thus untouched, and :func:`slamjax.mil.train.extend`
 trains only ``task_{k}`` with every other parameter frozen; old-task
 predictions are computed with ``only_base=True`` (the pre-extension program),
@@ -59,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -74,7 +77,7 @@ _stacked = lambda batch_axes: nn.initializers.lecun_normal(
 
 class TaskGroup(nn.Module):
   """Everything owned by a group of ``size`` tasks, stacked on a task axis:
-  tokens, routers (all layers but the last), experts and heads.
+  tokens, routers (of the first ``num_routers`` layers), experts and heads.
 
   The base group is one TaskGroup; each extension task is a TaskGroup of
   size 1, so every task's computation is a dense, vectorised einsum.
@@ -82,22 +85,25 @@ class TaskGroup(nn.Module):
   size: int
   dim: int
   num_layers: int
+  num_routers: int
+  zero_experts: bool = False
   mlp_ratio: int = 4
   dropout: float = 0.0
 
   def setup(self):
-    g, d, n_r = self.size, self.dim, self.num_layers - 1
+    g, d, n_r = self.size, self.dim, self.num_routers
     rh, eh, layers = max(1, d // 4), self.mlp_ratio * d, self.num_layers
     zeros = nn.initializers.zeros
     self.token = self.param("token", nn.initializers.normal(0.02), (g, d))
-    if n_r > 0:  # no instance routing in the last layer
+    if n_r > 0:
       self.r_w1 = self.param("router_w1", _stacked((0, 1)), (n_r, g, d, rh))
       self.r_b1 = self.param("router_b1", zeros, (n_r, g, rh))
       self.r_w2 = self.param("router_w2", _stacked((0,)), (n_r, g, rh))
       self.r_b2 = self.param("router_b2", zeros, (n_r, g))
     self.e_w1 = self.param("expert_w1", _stacked((0, 1)), (layers, g, d, eh))
     self.e_b1 = self.param("expert_b1", zeros, (layers, g, eh))
-    self.e_w2 = self.param("expert_w2", _stacked((0, 1)), (layers, g, eh, d))
+    self.e_w2 = self.param("expert_w2", zeros if self.zero_experts else _stacked((0, 1)),
+                           (layers, g, eh, d))
     self.e_b2 = self.param("expert_b2", zeros, (layers, g, d))
     self.ln_scale = self.param("head_ln_scale", nn.initializers.ones, (g, d))
     self.ln_bias = self.param("head_ln_bias", zeros, (g, d))
@@ -207,10 +213,15 @@ class MECDS(nn.Module):
     if self.instance_attention not in ("full", "none"):
       raise ValueError(f"mecds.instance_attention={self.instance_attention!r}; "
                        "valid: full, none")
-    group = lambda size, name: TaskGroup(size, d, self.num_layers, dropout=self.dropout,
-                                         name=name)
-    base = group(nb, "base_tasks")
-    ext = {} if only_base else {k: group(1, f"task_{k}") for k in range(nb, self.num_tasks)}
+    group = lambda size, routers, name, zero: TaskGroup(
+        size, d, self.num_layers, routers, zero, dropout=self.dropout, name=name)
+    # Base routing is skipped in the last layer (nothing reads it); an
+    # extension task routes into its private view in every layer, and its
+    # experts start at 0 (an adapter: the new task starts from the frozen
+    # features and adds private ones only as training asks for them).
+    base = group(nb, self.num_layers - 1, "base_tasks", False)
+    ext = {} if only_base else {k: group(1, self.num_layers, f"task_{k}", True)
+                                for k in range(nb, self.num_tasks)}
     layers = [SharedLayer(d, self.num_heads, self.dropout, name=f"layer_{l}")
               for l in range(self.num_layers)]
     z = nn.gelu(nn.Dense(d, name="proj")(x))                        # [B, N, D]
@@ -225,8 +236,13 @@ class MECDS(nn.Module):
       k_i, v_i = layer.keys_values(zn)
       upd, attn = layer.token_attend(layer.ln1(tok), k_i, v_i, mask, train)
       ext_attn = []
-      for k in ext:
-        kk, vk = (k_i, v_i) if delta[k] is None else layer.keys_values(layer.ln1(z + delta[k]))
+      if ext:
+        zn2 = layer.ln2(z)
+      for k, g in ext.items():
+        # private view: the frozen stream plus this task's gated expert outputs
+        add = nn.sigmoid(g.route(l, zn2)) * g.expert_all(l, zn2, train)[:, :, 0]
+        delta[k] = add if delta[k] is None else delta[k] + add
+        kk, vk = layer.keys_values(layer.ln1(z + delta[k]))
         u_k, a_k = layer.token_attend(layer.ln1(ext_tok[k]), kk, vk, mask, train)
         ext_tok[k] = ext_tok[k] + u_k
         ext_attn.append(a_k)
@@ -242,9 +258,6 @@ class MECDS(nn.Module):
           z_next = u + jnp.einsum("bnt,bntd->bnd", p * masked.top_p_mask(p, self.top_p), e)
         else:  # one base task: the softmax over one task is 1
           z_next = u + e[:, :, 0]
-        for k, g in ext.items():
-          add = nn.sigmoid(g.route(l, un)) * g.expert_all(l, un, train)[:, :, 0]
-          delta[k] = add if delta[k] is None else delta[k] + add
         z = z_next
       tok = tok + base.expert_own(l, layer.ln2(tok), train)
       for k, g in ext.items():
@@ -264,6 +277,22 @@ class MECDS(nn.Module):
             "task_attention_layers": jnp.mean(stack, axis=2),
             "attention": jnp.mean(task_attn, axis=1),
             "attention_rows": rows.reshape(bsz, -1, rows.shape[-1])}
+
+
+@functools.lru_cache(maxsize=None)
+def _group_init(group: TaskGroup):
+  return jax.jit(lambda key: group.init(key, method=TaskGroup.tokens)["params"])
+
+
+def init_extension_params(model: MECDS, key) -> dict:
+  """Fresh parameters of one extension task (``task_{k}``'s subtree).
+
+  Initialises the TaskGroup alone: much cheaper to compile than a whole-model
+  init. Same structure as the group that ``model`` builds for task k.
+  """
+  group = TaskGroup(1, model.hidden_dim, model.num_layers, model.num_layers, True,
+                    dropout=model.dropout)
+  return _group_init(group)(key)
 
 
 def akd_loss(student_logits, teacher_logits, label, label_known, temperature: float = 2.0,

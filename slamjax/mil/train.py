@@ -375,6 +375,13 @@ def _merge_tasks(old_params, new_params, new_names):
   return dict(old_params, params=inner)
 
 
+def _fresh_tasks(model, params, names, seed: int):
+  """``params`` plus freshly initialised extension tasks ``names``."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(names))
+  new = {n: mecds.init_extension_params(model, k) for n, k in zip(names, keys)}
+  return _merge_tasks(params, {"params": new}, names)
+
+
 def extend(cfg, state: MilState, bags, labels, workdir: str, seed: int,
            verbose: bool = True) -> MilState:
   """Adds ``labels``' task(s) to a trained MECDS head; trains only them.
@@ -383,7 +390,8 @@ def extend(cfg, state: MilState, bags, labels, workdir: str, seed: int,
   (``task_{k}``); every other parameter is frozen, and the old tasks'
   predictions are bitwise unchanged (see ``slamjax.mil.mecds``). Teacher
   phase (balanced resampling) then student phase (AKD), both on the new
-  labels only; checkpoints under ``workdir/mil_ckpt_extend{T}[_teacher]``.
+  labels only; checkpoints under ``workdir/mil_ckpt_extend{T}[_teacher]``,
+  metrics as phases ``extend{T}_teacher`` / ``extend{T}_student``.
   """
   cfg = options.resolve(cfg)
   spec = heads.get_spec(cfg)
@@ -398,15 +406,15 @@ def extend(cfg, state: MilState, bags, labels, workdir: str, seed: int,
   task_mask = np.arange(t_new) >= t_old
   frozen = lambda path: len(path) < 2 or path[1] not in names
   model = spec.build(cfg, t_new, num_base)
-  fresh = lambda s: _merge_tasks(state.params, _init_params(cfg, model, bags, s), names)
+  fresh = lambda s: _fresh_tasks(model, state.params, names, s)
   m = cfg.mecds
   common = dict(num_tasks=t_new, num_base=num_base, frozen=frozen, task_mask=task_mask)
-  teacher = _run_phase(cfg, spec, "teacher", bags, labels2, workdir,
+  teacher = _run_phase(cfg, spec, f"extend{t_old}_teacher", bags, labels2, workdir,
                        f"mil_ckpt_extend{t_old}_teacher", seed, verbose, balanced=True,
                        epochs=m.teacher_epochs or cfg.epochs, init_params=fresh(seed),
                        **common)
   init = teacher.params if m.student_init == "teacher" else fresh(seed + 1)
-  student = _run_phase(cfg, spec, "student", bags, labels2, workdir,
+  student = _run_phase(cfg, spec, f"extend{t_old}_student", bags, labels2, workdir,
                        f"mil_ckpt_extend{t_old}", seed + 1, verbose,
                        teacher_params=teacher.params, init_params=init, **common)
   # set_to_zero keeps frozen leaves exact up to the sign of zero; restore them.
@@ -428,8 +436,9 @@ def predict(cfg, state: MilState, bags, num_tasks: int | None = None) -> dict:
   apply_fn = _apply_fn(model)
   base_fn = None
   if state.num_base is not None and state.num_base < num_tasks:
-    base_fn = _cached(("apply_base", model), lambda: jax.jit(
-        lambda p, x, m: model.apply(p, x, m, only_base=True)["logits"]))
+    # The pre-extension model itself: the same compiled program as before
+    # (the new tasks' parameters are passed but unused), so bitwise equal.
+    base_fn = _apply_fn(spec.build(cfg, state.num_base, None))
   probs = np.zeros((len(bags), num_tasks), np.float32)
   attention, task_attention = [None] * len(bags), [None] * len(bags)
   dummy = np.zeros((len(bags), 1), np.float32)
@@ -437,7 +446,8 @@ def predict(cfg, state: MilState, bags, num_tasks: int | None = None) -> dict:
     out = jax.device_get(apply_fn(state.params, batch["x"], batch["mask"]))
     logits = np.array(out["logits"])
     if base_fn is not None:
-      logits[:, :state.num_base] = np.asarray(base_fn(state.params, batch["x"], batch["mask"]))
+      logits[:, :state.num_base] = np.asarray(
+          base_fn(state.params, batch["x"], batch["mask"])["logits"])
     for j, b in enumerate(idx):
       n = len(bags[b])
       probs[b] = 1 / (1 + np.exp(-logits[j]))
