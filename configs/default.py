@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.embed.output = "projection"  # or "backbone" (pooled ResNet features)
 
   c.mil = ml_collections.ConfigDict()
+  # abmil | aem | pamil | pamil_official | asmil | mecds (slamjax/mil/heads.py)
   c.mil.head = "abmil"
   c.mil.hidden_dim = 128
   c.mil.attention_dim = 64
@@ -88,6 +89,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mil.lr = 5e-4
   c.mil.weight_decay = 1e-4
   c.mil.checkpoint_every_epochs = 10
+  # Defaults and meaning of the keys below: slamjax/mil/options.py.
+  c.mil.optimizer = "adam"  # L2 before Adam (torch Adam) | "adamw"
+  c.mil.grad_clip = 0.0  # global-norm clip; 0 = off
+  c.mil.schedule = "constant"  # | "cosine"
+  c.mil.min_len = 16  # smallest padding bucket (powers of two)
+  c.mil.aem_weight = 0.0  # AEM regulariser on any head (head "aem": 0.1)
+  c.mil.aem_top_k = 0
+  c.mil.aem_schedule = "constant"
+  c.mil.stability_bags = 8  # attention JSD between epochs on these bags
+  placeholder = ml_collections.config_dict.placeholder
+  c.mil.pamil = ml_collections.ConfigDict(dict(
+      variant="slamags", num_protos=10, proto_pred=True, proto_weight=0.5,
+      er_weight=placeholder(float), clst_weight=placeholder(float),
+      proto_clst_weight=placeholder(float), inst_weight=0.0, k_sample=8,
+      proto_init=placeholder(str), freeze_protos=placeholder(bool)))
+  c.mil.asmil = ml_collections.ConfigDict(dict(
+      n_token=16, n_drop=10, num_heads=8, dropout=0.1, temperature=0.5,
+      kd_weight=1.0, kd_reduction="kl_per_row", anchor="ema", anchor_decay=0.999))
+  c.mil.mecds = ml_collections.ConfigDict(dict(
+      num_layers=2, num_heads=8, top_p=0.5, instance_attention="full",
+      kd_weight=1.0, akd_temperature=2.0, gamma_pos=1.0, gamma_neg=4.0, alpha=0.2,
+      teacher_epochs=placeholder(int), student_init="teacher"))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 10

@@ -45,6 +45,7 @@ from slamjax import checkpoint as ckpt_lib
 from slamjax import progress as progress_lib
 from slamjax.mil import aem as aem_lib
 from slamjax.mil import asmil
+from slamjax.mil import diagnostics
 from slamjax.mil import heads
 from slamjax.mil import mecds
 from slamjax.mil import options
@@ -219,22 +220,6 @@ def _attention(cfg, apply_fn, params, bags, key="attention"):
   return out_list
 
 
-def attention_jsd(prev: list, cur: list, eps: float = 1e-8) -> float:
-  """Mean JSD between two epochs' attention over the same bags (None = uniform).
-
-  Host (numpy) version of :func:`slamjax.mil.masked.jsd`: renormalised,
-  clamped at ``eps``, natural log.
-  """
-  vals = []
-  for p, q in zip(prev, cur):
-    q = np.asarray(q, np.float64)
-    p = np.full_like(q, 1.0 / len(q)) if p is None else np.asarray(p, np.float64)
-    p, q = np.maximum(p / p.sum(), eps), np.maximum(q / q.sum(), eps)
-    m = 0.5 * (p + q)
-    vals.append(float(np.sum(0.5 * p * np.log(p / m) + 0.5 * q * np.log(q / m))))
-  return float(np.mean(vals)) if vals else float("nan")
-
-
 def _epoch_order(n, seed, epoch, weights=None):
   rng = np.random.default_rng([seed, epoch])
   if weights is None:
@@ -323,7 +308,7 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
     logs = jax.device_get(logs)
     record = {k: float(np.mean([l[k] for l in logs])) for k in logs[0]}
     cur = _attention(cfg, apply_fn, state.params, probe)
-    record["attention_jsd"] = attention_jsd(prev, cur)
+    record["attention_jsd"] = diagnostics.attention_jsd(prev, cur)
     prev = cur
     progress_lib.check_finite(epoch + 1, {"mil_loss": record["loss"]})
     with open(metrics_path, "a") as f:
