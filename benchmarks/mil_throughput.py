@@ -1,0 +1,174 @@
+r"""MIL training throughput (bags/s): slamjax batched ABMIL vs a per-bag PyTorch loop.
+
+Both sides train the same gated-attention ABMIL head (``Linear(D, 128) +
+ReLU``; ``tanh(V h) * sigmoid(U h)`` with 64 attention units; softmax over the
+bag; ``Linear(128, 1)``; sigmoid BCE; Adam with L2 weight decay 1e-4 added to
+the gradient, as torch ``Adam(weight_decay=...)``) on the same bags in the same
+shuffled order:
+
+* PyTorch, as the references do: one bag per optimizer step
+  (``for bag in loader: forward; loss.backward(); optimizer.step()``).
+* slamjax: ``slamjax.mil.train``'s loop, i.e. bags padded into power-of-two
+  length buckets (``padding.iterate_batches``, filler bags weight 0) and one
+  jitted step per batch of ``--batch_size`` bags (the step of
+  ``slamjax.mil.train.fit``, compiled once per bucket before timing). With
+  ``--batch_size=1`` the optimisation is the reference's; larger batches
+  average the gradient over bags (``docs/mil-heads.md`` section 0).
+
+Rounds alternate between the two sides; the best round of each is reported,
+then the ratio. Times cover host batching, every step and the final
+device sync of an epoch, not compilation.
+
+  python benchmarks/mil_throughput.py                       # 512 bags of 40-60 cells, D=512
+  python benchmarks/mil_throughput.py --batch_size=1,8,32   # several slamjax batch sizes
+
+torch is a benchmark-only dependency (``pip install torch==2.13.0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slamjax.mil import heads, options, padding  # noqa: E402
+from slamjax.mil import train as mil_train  # noqa: E402
+
+
+def make_bags(n, lo, hi, dim, seed=0):
+  rng = np.random.default_rng(seed)
+  bags, labels = [], []
+  for i in range(n):
+    x = rng.normal(size=(int(rng.integers(lo, hi + 1)), dim)).astype(np.float32)
+    if i % 2:
+      x[: max(1, len(x) // 10), :8] += 2.0
+    bags.append(x)
+    labels.append(i % 2)
+  return bags, np.asarray(labels, np.float32)
+
+
+# ------------------------------------------------------------------ torch side
+def torch_epoch_fn(dim, hidden, att, lr, wd, threads):
+  import torch
+  import torch.nn as nn
+  if threads:
+    torch.set_num_threads(threads)
+  torch.manual_seed(0)
+
+  class ABMIL(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.reduce = nn.Linear(dim, hidden)
+      self.v, self.u, self.w = nn.Linear(hidden, att), nn.Linear(hidden, att), nn.Linear(att, 1)
+      self.classifier = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+      h = torch.relu(self.reduce(x))
+      a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))[:, 0], 0)
+      return self.classifier(a @ h)
+
+  model = ABMIL()
+  opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+  loss_fn = nn.BCEWithLogitsLoss()
+
+  def epoch(bags, labels, order):
+    total = 0.0
+    for i in order:
+      x = torch.from_numpy(bags[i])
+      y = torch.tensor([labels[i]])
+      loss = loss_fn(model(x), y)
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+      total += float(loss.detach())
+    return total / len(order)
+
+  return epoch, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------- slamjax side
+def jax_epoch_fn(dim, hidden, att, lr, wd, batch_size, bags):
+  cfg = options.resolve(ml_collections.ConfigDict(dict(
+      head="abmil", hidden_dim=hidden, attention_dim=att, lr=lr, weight_decay=wd,
+      batch_size=batch_size, epochs=1, stability_bags=0)))
+  spec = heads.get_spec(cfg)
+  model = spec.build(cfg, 1, None)
+  params = mil_train._init_params(cfg, model, bags, 0)
+  tx, train_step, _ = mil_train._steps(cfg, spec, model, np.ones(1, bool), 1, None)
+  state = mil_train.MilState(epoch=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                             opt_state=jax.jit(tx.init)(params),
+                             step=jax.numpy.zeros((), jax.numpy.int32))
+  box = {"state": state}
+  key = jax.random.PRNGKey(7)
+
+  def epoch(bags, labels, order):
+    state, logs = box["state"], []
+    for i, (_, batch) in enumerate(padding.iterate_batches(
+        bags, labels[:, None], batch_size, order, min_len=cfg.min_len)):
+      state, m = train_step(state, batch, jax.random.fold_in(key, i), None, 1.0)
+      logs.append(m["loss"])
+    jax.block_until_ready(state)
+    box["state"] = state
+    return float(np.mean(jax.device_get(logs)))
+
+  return epoch
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--bags", type=int, default=512)
+  ap.add_argument("--min_size", type=int, default=40)
+  ap.add_argument("--max_size", type=int, default=60)
+  ap.add_argument("--dim", type=int, default=512)
+  ap.add_argument("--hidden", type=int, default=128)
+  ap.add_argument("--att", type=int, default=64)
+  ap.add_argument("--batch_size", default="32", help="slamjax bags per step; comma list")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--torch_threads", type=int, default=0, help="0: torch default")
+  ap.add_argument("--json", default="", help="also write the results here")
+  args = ap.parse_args()
+  lr, wd = 5e-4, 1e-4
+  bags, labels = make_bags(args.bags, args.min_size, args.max_size, args.dim)
+  t_epoch, t_desc = torch_epoch_fn(args.dim, args.hidden, args.att, lr, wd, args.torch_threads)
+  sizes = [int(b) for b in args.batch_size.split(",")]
+  j_epochs = {b: jax_epoch_fn(args.dim, args.hidden, args.att, lr, wd, b, bags) for b in sizes}
+  rng = np.random.default_rng(0)
+  # warm-up: compiles every bucket, first torch allocations
+  warm = rng.permutation(len(bags))
+  t_epoch(bags, labels, warm[:32])
+  for fn in j_epochs.values():
+    fn(bags, labels, warm)
+  best = {"torch": 0.0, **{f"slamjax_b{b}": 0.0 for b in sizes}}
+  for r in range(args.rounds):
+    order = np.random.default_rng([1, r]).permutation(len(bags))
+    t0 = time.perf_counter()
+    t_epoch(bags, labels, order)
+    best["torch"] = max(best["torch"], len(bags) / (time.perf_counter() - t0))
+    for b, fn in j_epochs.items():
+      t0 = time.perf_counter()
+      fn(bags, labels, order)
+      best[f"slamjax_b{b}"] = max(best[f"slamjax_b{b}"], len(bags) / (time.perf_counter() - t0))
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.0f} bags/s"
+                                                    for k, v in best.items()), flush=True)
+  res = {"bags": args.bags, "cells_per_bag": [args.min_size, args.max_size], "dim": args.dim,
+         "hidden": args.hidden, "attention": args.att, "torch": t_desc,
+         "jax": f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+                f"{os.cpu_count()} CPUs", "bags_per_s": {k: round(v, 1) for k, v in best.items()},
+         "ratio_vs_torch": {k: round(v / best["torch"], 2) for k, v in best.items()
+                            if k != "torch"}}
+  print(json.dumps(res, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
