@@ -7,6 +7,7 @@ r"""Command line entry point (kept thin; the logic is in ``slamjax.train``).
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -19,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # Orbax/TF INFO lines drown the progress lines
+    logging.set_verbosity(logging.WARNING)
   import jax
   try:  # keep TensorFlow (used by clu writers and tf.data) off accelerators
     import tensorflow as tf

@@ -6,11 +6,8 @@ import json
 import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # headless runs fall back to Agg by themselves
+import numpy as np
 
 
 def _fmt(v) -> str:
