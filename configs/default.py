@@ -93,7 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mil.optimizer = "adam"  # L2 before Adam (torch Adam) | "adamw"
   c.mil.grad_clip = 0.0  # global-norm clip; 0 = off
   c.mil.schedule = "constant"  # | "cosine"
-  c.mil.min_len = 16  # smallest padding bucket (powers of two)
+  c.mil.min_len = 16  # smallest padding bucket
+  c.mil.buckets_per_octave = 4  # bag lengths padded to 16, 20, 24, 28, 32, 40, ...
   c.mil.aem_weight = 0.0  # AEM regulariser on any head (head "aem": 0.1)
   c.mil.aem_top_k = 0
   c.mil.aem_schedule = "constant"

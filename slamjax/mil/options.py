@@ -32,6 +32,7 @@ DEFAULTS = dict(
     grad_clip=0.0,               # global-norm clip; 0 = off (ASMIL/DTFD use 5)
     schedule="constant",         # or "cosine" (per step, to 0; the ACMIL family)
     min_len=16,                  # smallest padding bucket
+    buckets_per_octave=4,        # bucket sizes per power of two (1: powers of two)
     checkpoint_every_epochs=10,
     aem_weight=0.0,              # AEM lambda for any head; head "aem" uses 0.1 if 0
     aem_top_k=0,                 # 0 = full entropy; k > 0 = the top-k variant

@@ -1,8 +1,9 @@
 """Bags of different lengths padded into fixed-shape batches with masks.
 
 Lengths are rounded up to a few bucket sizes (powers of two, at least
-``min_len``), so jit compiles once per bucket. Batches that are not full are
-completed with dummy bags of weight 0; no real bag is ever dropped.
+``min_len``; or ``per_octave`` evenly spaced sizes per power of two), so jit
+compiles once per bucket. Batches that are not full are completed with dummy
+bags of weight 0; no real bag is ever dropped.
 
 Example:
   >>> import numpy as np
@@ -17,13 +18,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def bucket_length(n: int, min_len: int = 16) -> int:
-  """Smallest power of two >= max(n, min_len)."""
-  return int(2 ** np.ceil(np.log2(max(n, min_len, 1))))
+def bucket_length(n: int, min_len: int = 16, per_octave: int = 1) -> int:
+  """Smallest bucket >= max(n, min_len).
+
+  Buckets are the powers of two (``per_octave=1``) or, with ``per_octave=k``,
+  the multiples of 2^j / k inside each octave [2^j, 2^(j+1)): at most k
+  compiled shapes per octave, padding waste below 1/k of the length.
+
+  >>> [bucket_length(n) for n in (3, 17, 50, 64)]
+  [16, 32, 64, 64]
+  >>> [bucket_length(n, per_octave=4) for n in (17, 50, 64, 65, 1000)]
+  [20, 56, 64, 80, 1024]
+  """
+  n = max(int(n), min_len, 1)
+  low = 2 ** int(np.floor(np.log2(n)))
+  step = max(1, low // max(1, per_octave))
+  return int(-(-n // step) * step)
 
 
 def pad_batch(bags, labels, batch_size: int, min_len: int = 16,
-              instance_labels=None) -> dict[str, np.ndarray]:
+              instance_labels=None, per_octave: int = 1) -> dict[str, np.ndarray]:
   """Pads a list of [n_i, D] bags into one batch dict.
 
   Returns ``x`` [B, L, D] float32, ``mask`` [B, L] bool, ``label`` [B, ...]
@@ -36,7 +50,7 @@ def pad_batch(bags, labels, batch_size: int, min_len: int = 16,
     if len(b) == 0:
       raise ValueError(f"bag {i} of the batch is empty; every bag needs >= 1 instance")
   dim = bags[0].shape[1]
-  length = bucket_length(max(len(b) for b in bags), min_len)
+  length = bucket_length(max(len(b) for b in bags), min_len, per_octave)
   labels = np.asarray(labels, np.float32)
   x = np.zeros((batch_size, length, dim), np.float32)
   mask = np.zeros((batch_size, length), bool)
@@ -58,11 +72,12 @@ def pad_batch(bags, labels, batch_size: int, min_len: int = 16,
 
 
 def iterate_batches(bags, labels, batch_size: int, order=None, min_len: int = 16,
-                    instance_labels=None):
+                    instance_labels=None, per_octave: int = 1):
   """Yields ``(bag indices, padded batch)`` covering every bag once, in order."""
   order = np.arange(len(bags)) if order is None else np.asarray(order)
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     yield idx, pad_batch(
         [bags[i] for i in idx], np.asarray(labels)[idx], batch_size, min_len,
-        None if instance_labels is None else [instance_labels[i] for i in idx])
+        None if instance_labels is None else [instance_labels[i] for i in idx],
+        per_octave)

@@ -206,14 +206,16 @@ def _steps(cfg, spec, model, task_mask, total_steps, param_labels):
 
 
 def _init_params(cfg, model, bags, seed: int):
-  first = padding.pad_batch(bags[:1], np.zeros((1, 1), np.float32), cfg.batch_size, cfg.min_len)
+  first = padding.pad_batch(bags[:1], np.zeros((1, 1), np.float32), cfg.batch_size,
+                            cfg.min_len, per_octave=cfg.buckets_per_octave)
   return _init_fn(model)(jax.random.PRNGKey(seed), first["x"], first["mask"])
 
 
 def _attention(cfg, apply_fn, params, bags, key="attention"):
   out_list = [None] * len(bags)
   dummy = np.zeros((len(bags), 1), np.float32)
-  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len):
+  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len,
+                                            per_octave=cfg.buckets_per_octave):
     att = np.asarray(jax.device_get(apply_fn(params, batch["x"], batch["mask"])[key]))
     for j, b in enumerate(idx):
       out_list[b] = att[j][..., :len(bags[b])]
@@ -300,7 +302,8 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
     order = _epoch_order(len(bags), seed, epoch, weights)
     logs = []
     for i, (_, batch) in enumerate(padding.iterate_batches(
-        bags, labels2, cfg.batch_size, order, min_len=cfg.min_len)):
+        bags, labels2, cfg.batch_size, order, min_len=cfg.min_len,
+        per_octave=cfg.buckets_per_octave)):
       rng = jax.random.fold_in(base_key, epoch * 100_003 + i)
       state, m = train_step(state, batch, rng, teacher_params, kd_scale)
       logs.append(m)
@@ -427,7 +430,8 @@ def predict(cfg, state: MilState, bags, num_tasks: int | None = None) -> dict:
   probs = np.zeros((len(bags), num_tasks), np.float32)
   attention, task_attention = [None] * len(bags), [None] * len(bags)
   dummy = np.zeros((len(bags), 1), np.float32)
-  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len):
+  for idx, batch in padding.iterate_batches(bags, dummy, cfg.batch_size, min_len=cfg.min_len,
+                                            per_octave=cfg.buckets_per_octave):
     out = jax.device_get(apply_fn(state.params, batch["x"], batch["mask"]))
     logits = np.array(out["logits"])
     if base_fn is not None:
