@@ -22,6 +22,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # Orbax/TF INFO lines drown the progress lines
     logging.set_verbosity(logging.WARNING)
+  from slamjax import distributed
+  distributed.initialize()  # multi-process runs: SLAMJAX_COORDINATOR etc.
   import jax
   try:  # keep TensorFlow (used by clu writers and tf.data) off accelerators
     import tensorflow as tf
