@@ -229,14 +229,17 @@ def ref_cagrad(j, c=0.5, rescale=1):
   return g / {0: 1.0, 1: 1 + c**2, 2: 1 + c}[rescale]
 
 
-def ref_imtl_g(j):
+def ref_imtl_g_weights(j):
   """Liu et al. 2021 (IMTL-G) closed form: a_{2:T} = g_1 U^T (D U^T)^-1."""
   u = j / np.linalg.norm(j, axis=1, keepdims=True)
   d = j[:1] - j[1:]
   uu = u[:1] - u[1:]
   a = j[0] @ uu.T @ np.linalg.inv(d @ uu.T)
-  alpha = np.r_[1 - a.sum(), a]
-  return alpha @ j
+  return np.r_[1 - a.sum(), a]
+
+
+def ref_imtl_g(j):
+  return ref_imtl_g_weights(j) @ j
 
 
 def ref_aligned_mtl(j, pref=None):
@@ -483,3 +486,61 @@ def test_positive_homogeneity_and_degenerate_inputs(name):
       coef = out @ gv / (gv @ gv)
       _assert_close(out, coef * gv, _flat(grads))
       assert coef >= 0
+
+
+# ----------------------------------------------------------------------------
+# IMTL-G near opposite gradients (regression: a pseudo-inverse of G dropped
+# its small eigenvalue there and returned huge updates).
+# ----------------------------------------------------------------------------
+
+IMTL_NEAR_OPPOSITE = {
+    "collinear_opposite": [[1.0, 0.0], [-0.4, 0.0]],
+    "near_opposite": [[1.6022, 6e-4], [-1.5911, 2.3e-3]],
+    "near_opposite_t3": [[1.3, 2e-4, 0.0], [-0.9, 1e-3, 0.0],
+                         [0.3, 0.5, 0.8]],
+    "near_opposite_t3_flat": [[1.3, 2e-4, 0.0], [-0.9, 1e-3, 0.0],
+                              [0.3, 0.5, -1e-3]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMTL_NEAR_OPPOSITE))
+def test_imtl_g_near_opposite_matches_closed_form(case):
+  tree = _tree_from_matrix(np.array(IMTL_NEAR_OPPOSITE[case]))
+  j = _flat(tree)   # float32-rounded inputs, float64 reference
+  out, state = _run("imtl_g", tree)
+  alpha = ref_imtl_g_weights(j)
+  np.testing.assert_allclose(np.asarray(state.weights), alpha, atol=1e-5)
+  _assert_close(out, alpha @ j, j)
+  _check_weights(state, tree, out)
+  # The defining property: equal projections on every unit task direction.
+  u = j / np.linalg.norm(j, axis=1, keepdims=True)
+  proj = u @ out
+  assert np.ptp(proj) <= 1e-5 * np.max(np.linalg.norm(j, axis=1)), proj
+
+
+def test_imtl_g_collinear_opposite_values():
+  """g2 = -0.4 g1: equal projections on u and -u force out = 0."""
+  out, state = _run("imtl_g", _tree_from_matrix(np.array(
+      IMTL_NEAR_OPPOSITE["collinear_opposite"])))
+  np.testing.assert_allclose(np.asarray(state.weights), [2 / 7, 5 / 7],
+                             atol=1e-6)
+  np.testing.assert_allclose(out, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", (2, 3))
+def test_imtl_g_angle_sweep_towards_180_degrees(t):
+  """Task 2 at 180 deg - delta from task 1 (other norms, a generic task 3)."""
+  rng = np.random.default_rng(7)
+  for delta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+    j = np.zeros((t, 17))
+    j[0, :2] = [1.7, 0.0]
+    j[1, :2] = 0.6 * np.array([-np.cos(delta), np.sin(delta)])
+    if t == 3:
+      j[2] = rng.normal(size=17)
+    tree = _tree_from_matrix(j)
+    j = _flat(tree)
+    out, state = _run("imtl_g", tree)
+    alpha = ref_imtl_g_weights(j)
+    assert np.all(np.abs(np.asarray(state.weights)) < 10), (delta, alpha)
+    np.testing.assert_allclose(np.asarray(state.weights), alpha, atol=1e-4)
+    _assert_close(out, alpha @ j, j)
