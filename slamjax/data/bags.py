@@ -43,6 +43,11 @@ class BagPlan:
       differential. Default: draw uniformly from the pooled normal cells.
     reuse_cells: whether a cell may recur across bags of the same split
       (never across splits).
+    witness_classes_per_bag: optional m in [1, len(abnormal_classes)]: each
+      positive bag draws its witnesses from m abnormal classes picked at
+      random (split as evenly as possible), so per-class (multi-task) bag
+      labels differ between bags. Default None: witnesses are drawn from the
+      pooled abnormal cells.
   """
   normal_classes: Sequence[int]
   abnormal_classes: Sequence[int]
@@ -52,6 +57,7 @@ class BagPlan:
   split_fractions: Mapping[str, float] | None = None
   normal_proportions: Sequence[float] | None = None
   reuse_cells: bool = False
+  witness_classes_per_bag: int | None = None
 
   def num_witnesses(self) -> int:
     return max(1, int(round(self.witness_rate * self.bag_size)))
@@ -81,6 +87,10 @@ class BagPlan:
           self.split_fractions.values()) <= 0:
         raise ValueError("bags.split_fractions must be positive and sum to 1, "
                          f"got {dict(self.split_fractions)}")
+    m = self.witness_classes_per_bag
+    if m is not None and not 1 <= m <= len(self.abnormal_classes):
+      raise ValueError("bags.witness_classes_per_bag must be in [1, "
+                       f"{len(self.abnormal_classes)}] (the abnormal classes), got {m}")
     if self.normal_proportions is not None:
       p = np.asarray(self.normal_proportions, float)
       if p.shape != (len(self.normal_classes),) or (p < 0).any() or p.sum() <= 0:
@@ -212,6 +222,9 @@ def make_bags(labels: np.ndarray, plan: BagPlan, seed: int) -> dict[str, BagSet]
          "normal": idx[np.isin(sl, plan.normal_classes)]}
     for c in plan.normal_classes:
       p[f"class {c}"] = idx[sl == c]
+    if plan.witness_classes_per_bag is not None:
+      for c in plan.abnormal_classes:
+        p[f"abnormal {c}"] = idx[sl == c]
     pools[split] = p
     if not plan.reuse_cells:
       for what, n in _required(plan, split).items():
@@ -240,7 +253,22 @@ def make_bags(labels: np.ndarray, plan: BagPlan, seed: int) -> dict[str, BagSet]
         counts = _normal_counts(plan, plan.bag_size - n_wit)
         normal = np.concatenate([drawers[f"class {c}"].take(n) for c, n in
                                  zip(plan.normal_classes, counts)])
-      bag = np.concatenate([normal, drawers["abnormal"].take(n_wit)])
+      if plan.witness_classes_per_bag is None or not n_wit:
+        witnesses = drawers["abnormal"].take(n_wit)
+      else:
+        chosen = rng.choice(len(plan.abnormal_classes), plan.witness_classes_per_bag,
+                            replace=False)
+        sizes = [len(a) for a in np.array_split(np.arange(n_wit), len(chosen))]
+        witnesses = np.concatenate([
+            drawers[f"abnormal {plan.abnormal_classes[c]}"].take(n)
+            for c, n in zip(chosen, sizes)])
+        if len(witnesses) < n_wit:
+          raise ValueError(
+              f"split {split!r}: not enough cells of the abnormal classes "
+              f"{[plan.abnormal_classes[c] for c in chosen]} for "
+              f"witness_classes_per_bag={plan.witness_classes_per_bag}; use fewer "
+              "or smaller bags, or allow reuse_cells.")
+      bag = np.concatenate([normal, witnesses])
       cells.append(rng.permutation(bag).astype(np.int64))
       bag_labels.append(y)
     order = rng.permutation(len(cells))  # interleave negatives and positives
