@@ -1,1 +1,22 @@
-"""Attention-MIL heads on frozen cell embeddings, with padded-bag batching."""
+"""Attention-MIL heads on frozen cell embeddings, with padded-bag batching.
+
+Heads (``config.mil.head``; registry in :mod:`slamjax.mil.heads`):
+
+* ``abmil``: gated-attention ABMIL (:mod:`slamjax.mil.abmil`);
+* ``aem``: ABMIL + the attention-entropy regulariser (:mod:`slamjax.mil.aem`,
+  usable with any head through ``mil.aem_weight``);
+* ``pamil`` / ``pamil_official``: prototype attention, SLAM-AGS or official
+  variant, with ER and clustering losses (:mod:`slamjax.mil.pamil`);
+* ``asmil``: FEAT tokens + CLS aggregation, EMA anchor with normalised-sigmoid
+  attention distillation, token dropping (:mod:`slamjax.mil.asmil`);
+* ``mecds``: multi-task head with task tokens, task-isolated attention,
+  dynamic feature routing, asymmetric distillation and task extension
+  (:mod:`slamjax.mil.mecds`).
+
+Training and inference: :mod:`slamjax.mil.train` (``fit``, ``predict``,
+``extend``); masked primitives: :mod:`slamjax.mil.masked`; padding buckets:
+:mod:`slamjax.mil.padding`; config defaults: :mod:`slamjax.mil.options`;
+multi-task labels: :mod:`slamjax.mil.labels`; retrieval, multi-task metrics
+and attention stability: :mod:`slamjax.mil.diagnostics`. Equations and the
+reference code's behaviour: ``docs/mil-heads.md`` (shared docs).
+"""

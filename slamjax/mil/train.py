@@ -100,8 +100,11 @@ def build_tx(cfg, total_steps: int | None = None, param_labels=None):
   return tx
 
 
-def make_loss_fn(cfg, spec, model, task_mask, total_steps: int):
-  """loss_fn(params, batch, rng, ctx, step) -> (loss, per-term means)."""
+def make_loss_fn(cfg, spec, model, task_mask, total_steps: int, with_outputs: bool = False):
+  """loss_fn(params, batch, rng, ctx, step) -> (loss, per-term means).
+
+  With ``with_outputs`` the aux is ``(per-term means, head outputs)``.
+  """
   aem_w = heads.aem_weight(cfg)
   task_mask = jnp.asarray(task_mask, bool)
 
@@ -125,7 +128,8 @@ def make_loss_fn(cfg, spec, model, task_mask, total_steps: int):
     w = batch["weight"]
     mean = lambda v: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
     loss = mean(total)
-    return loss, dict({k: mean(v) for k, v in terms.items()}, loss=loss)
+    metrics = dict({k: mean(v) for k, v in terms.items()}, loss=loss)
+    return loss, ((metrics, out) if with_outputs else metrics)
 
   return loss_fn
 

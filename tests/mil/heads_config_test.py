@@ -58,3 +58,28 @@ def test_multi_labels_and_metrics():
   assert r["task_0"]["average_precision"] == 1.0 and r["task_1"]["average_precision"] == 1.0
   assert diagnostics.top_k_cells([np.array([0.1, 0.5, 0.2])], 2)[0].tolist() == [1, 2]
   assert diagnostics.stability_series([[np.ones(4)], [np.ones(4)]])[1] == 0.0
+
+
+def test_single_class_witness_bags():
+  pool = np.array([0] * 600 + [1] * 60 + [2] * 60)
+  plan = bags_lib.BagPlan(normal_classes=(0,), abnormal_classes=(1, 2), witness_rate=0.2,
+                          bag_size=10, bags_per_split={"train": (5, 20)},
+                          witness_classes_per_bag=1)
+  y = labels.multi_labels(bags_lib.make_bags(pool, plan, seed=0)["train"], (1, 2))
+  assert (y.sum(1) <= 1).all() and (y.sum(0) > 0).all()
+
+
+def test_pamil_official_freezes_kmeans_prototypes():
+  cfg = options.resolve(dict(head="pamil_official", hidden_dim=8, attention_dim=4,
+                             pamil=dict(num_protos=3)))
+  spec = heads.get_spec(cfg)
+  rng = np.random.default_rng(0)
+  bags = [rng.normal(size=(12, 5)).astype(np.float32) for _ in range(4)]
+  protos = np.asarray(spec.init_params(cfg, {"params": {"proto": np.zeros((3, 5))}},
+                                       bags, 0)["params"]["proto"])
+  assert protos.shape == (3, 5) and np.isfinite(protos).all() and protos.std() > 0
+  tree = {"params": {"proto": 0, "fc": {"kernel": 0}, "cls_b": 0}}
+  assert heads.path_labels(tree, spec.frozen(cfg)) == {
+      "params": {"proto": "frozen", "fc": {"kernel": "train"}, "cls_b": "train"}}
+  slam = options.resolve(dict(head="pamil"))
+  assert heads.get_spec(slam).frozen(slam) is None
