@@ -22,6 +22,11 @@ a separately initialised network that is never updated (what the released code
 does, because its EMA update only runs on NaN). The EMA lives in
 ``MilState.anchor`` and is updated in ``slamjax.mil.train``.
 
+Initialisation: the FEAT queries are N(0, 1e-12) and the CLS token is 0, as
+in the reference; the attention projections' biases are torch's
+U(+-1/sqrt(D)) (Flax's zero biases would make every score exactly 0 at step
+0, so attention would start uniform and could only leave it slowly).
+
 Differences from the reference: the per-token classifiers (``sub_preds``, not
 in the loss) and the anchor's unused stage-2 parameters are not built; the KD
 default is a per-row KL (``kd_reduction="kl_per_row"``) instead of the
@@ -51,6 +56,15 @@ from slamjax.mil import masked
 _stacked = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
+def _torch_bias(fan_in: int):
+  """U(+-1/sqrt(fan_in)), torch nn.Linear's bias init. With zero biases the
+  near-zero queries would give exactly uniform attention at step 0; the
+  reference starts from the q_proj bias (its bug/surprise 5)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
 def _layer_norm(x, scale, bias, eps=1e-6):
   mu = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
@@ -74,18 +88,18 @@ class ASMIL(nn.Module):
       raise ValueError(f"ASMIL needs 0 <= n_drop < n_token, got {self.n_drop}, {t}")
     self.reduce = nn.Dense(d, use_bias=False, name="reduce")
     self.query = self.param("query", nn.initializers.normal(1e-6), (t, d))
-    zeros, ones = nn.initializers.zeros, nn.initializers.ones
-    self.wq, self.bq = self.param("wq", _stacked, (t, d, d)), self.param("bq", zeros, (t, d))
-    self.wk, self.bk = self.param("wk", _stacked, (t, d, d)), self.param("bk", zeros, (t, d))
-    self.wv, self.bv = self.param("wv", _stacked, (t, d, d)), self.param("bv", zeros, (t, d))
-    self.wo, self.bo = self.param("wo", _stacked, (t, d, d)), self.param("bo", zeros, (t, d))
+    zeros, ones, bias = nn.initializers.zeros, nn.initializers.ones, _torch_bias(d)
+    self.wq, self.bq = self.param("wq", _stacked, (t, d, d)), self.param("bq", bias, (t, d))
+    self.wk, self.bk = self.param("wk", _stacked, (t, d, d)), self.param("bk", bias, (t, d))
+    self.wv, self.bv = self.param("wv", _stacked, (t, d, d)), self.param("bv", bias, (t, d))
+    self.wo, self.bo = self.param("wo", _stacked, (t, d, d)), self.param("bo", bias, (t, d))
     self.ln_scale = self.param("ln_scale", ones, (t, d))
     self.ln_bias = self.param("ln_bias", zeros, (t, d))
     self.cls = self.param("cls_token", zeros, (d,))
-    self.bag_q = nn.Dense(d, name="bag_q")
-    self.bag_k = nn.Dense(d, name="bag_k")
-    self.bag_v = nn.Dense(d, name="bag_v")
-    self.bag_o = nn.Dense(d, name="bag_o")
+    self.bag_q = nn.Dense(d, bias_init=bias, name="bag_q")
+    self.bag_k = nn.Dense(d, bias_init=bias, name="bag_k")
+    self.bag_v = nn.Dense(d, bias_init=bias, name="bag_v")
+    self.bag_o = nn.Dense(d, bias_init=bias, name="bag_o")
     self.bag_ln = nn.LayerNorm(epsilon=1e-6, name="bag_ln")
     self.classifier = nn.Dense(self.num_tasks, name="classifier")
     self.drop = nn.Dropout(self.dropout)
