@@ -22,12 +22,21 @@ Quick smoke run (80 cells per class, 32 px, bags of 10, 1 epoch):
 full run pretrains a width-16 ResNet-18 for ~200 steps of 128 cells at 56 px.
 """
 
+import importlib.util
 import os
 
 import ml_collections
 
 _PBC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                      "..", "..", "shared", "data", "pbc"))
+
+
+def _sibling_config(filename, arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+  spec = importlib.util.spec_from_file_location("_slamjax_" + filename[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -97,16 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.embed.batch_size = 256
   c.embed.output = "projection"
 
-  c.mil = ml_collections.ConfigDict()
-  c.mil.head = "abmil"
-  c.mil.hidden_dim = 128
-  c.mil.attention_dim = 64
-  c.mil.dropout = 0.0
+  # MIL head settings: those of configs/default.py (every head's keys), with
+  # smaller batches for the fewer bags here.
+  c.mil = _sibling_config("default.py", arg).mil
   c.mil.epochs = 2 if quick else 60
   c.mil.batch_size = 2 if quick else 4
-  c.mil.lr = 5e-4
-  c.mil.weight_decay = 1e-4
-  c.mil.checkpoint_every_epochs = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 1 if quick else 5  # = witnesses per positive bag at 10%

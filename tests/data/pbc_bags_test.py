@@ -115,7 +115,7 @@ def test_pbc_configs_follow_the_schema(name, arg):
   default = _config("default", arg)
   data_only = {"data.num_per_class", "data.root", "data.classes", "data.manifest",
                "data.dedup", "data.skip_bad_files", "data.max_per_class",
-               "data.num_workers"}
+               "data.num_workers", "data.stain_std"}
   assert _keys(cfg) - data_only == _keys(default) - data_only
   assert cfg.data.source == "folder" and os.path.isabs(cfg.data.root)
   check = pytest.importorskip("slamjax.config_check")
