@@ -232,7 +232,7 @@ def make_step(image_size: int, batch_size: int = 128, width: int = 64,
       p.grad.copy_(g[i:i + n].view_as(p))
       i += n
     opt.step()
-    return {"loss_simclr": float(l1), "loss_sim": float(l2)}
+    return {"loss_simclr": l1.item(), "loss_sim": l2.item()}
 
   step.model = model
   return step

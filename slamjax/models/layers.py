@@ -116,7 +116,12 @@ def _native_conv(x, w, strides):
 
 # Tunables of the 'cpu' formulation, read at trace time (for benchmarks).
 CONV_DW_MODES = ("lax", "im2col", "shift")
-OPTIONS = {"conv_dw": "lax", "pool": "custom"}
+# conv_dw: how the weight gradient of the larger convolutions is computed;
+# layers with fewer than conv_dw_min_in_channels inputs (the RGB stem, whose
+# im2col would interleave 3-channel slices) keep XLA's.
+# Maps smaller than conv_dw_min_positions keep XLA's too (measured faster).
+OPTIONS = {"conv_dw": "im2col", "conv_dw_min_in_channels": 8,
+           "conv_dw_min_positions": 64, "pool": "custom"}
 
 
 def _conv_taps(x, kh, kw, strides):
@@ -178,7 +183,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
   wo = -(-x.shape[2] // strides[1])
   if (kh, kw) == (1, 1) or ho * wo <= SMALL_MAP_POSITIONS:
     return _im2col_conv(x, w, strides)
-  if OPTIONS["conv_dw"] == "lax":
+  if (OPTIONS["conv_dw"] == "lax" or x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
+      or ho * wo < OPTIONS["conv_dw_min_positions"]):
     return _native_conv(x, w, strides)
   return _conv_matmul_dw(x, w, strides)
 

@@ -30,8 +30,10 @@ CONV_CASES = [
     ((2, 9, 9, 4), 3, 1, mode) for mode in layers.CONV_DW_MODES] + [
     ((2, 7, 7, 4), 3, 2, mode) for mode in layers.CONV_DW_MODES])
 def test_conv_matches_native(shape, k, s, dw, monkeypatch):
-  if dw != "default":
+  if dw != "default":  # force the mode on these small test layers
     monkeypatch.setitem(layers.OPTIONS, "conv_dw", dw)
+    monkeypatch.setitem(layers.OPTIONS, "conv_dw_min_in_channels", 1)
+    monkeypatch.setitem(layers.OPTIONS, "conv_dw_min_positions", 0)
   x = _rand(shape, 0)
   w = _rand((k, k, shape[-1], 6), 1) * 0.3
   f = lambda impl: jax.jit(lambda x, w: layers.conv2d(x, w, (s, s), impl))
