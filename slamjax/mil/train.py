@@ -164,6 +164,26 @@ def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
   return train_step, _apply_fn(model)
 
 
+def run_epoch(cfg, train_step, state, bags, labels2, order, base_key, epoch: int,
+              teacher_params=None, kd_scale=1.0):
+  """One epoch of ``fit``: batches of ``cfg.batch_size`` bags in ``order``,
+  padded into length buckets, one jitted step each; the rng of step i is
+  ``fold_in(base_key, epoch * 100003 + i)``. Returns ``(state, metrics)``,
+  one dict per step, on the host.
+
+  (A ``lax.scan`` over several steps per call was slower on CPU: 1.8k vs
+  3.1k bags/s for ABMIL at D=512, B=8.)
+  """
+  logs = []
+  for i, (_, batch) in enumerate(padding.iterate_batches(
+      bags, labels2, cfg.batch_size, order, min_len=cfg.min_len,
+      per_octave=cfg.buckets_per_octave)):
+    rng = jax.random.fold_in(base_key, epoch * 100_003 + i)
+    state, m = train_step(state, batch, rng, teacher_params, kd_scale)
+    logs.append(m)
+  return state, jax.device_get(logs)
+
+
 # Compiled functions are cached per (module, config, ...) so that phases,
 # predict and repeated fits of the same head reuse one XLA compilation.
 _CACHE: dict = {}
@@ -304,15 +324,9 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
     teacher_params, kd_scale = state.params, jnp.float32(0.0)
   for epoch in range(start, epochs):
     order = _epoch_order(len(bags), seed, epoch, weights)
-    logs = []
-    for i, (_, batch) in enumerate(padding.iterate_batches(
-        bags, labels2, cfg.batch_size, order, min_len=cfg.min_len,
-        per_octave=cfg.buckets_per_octave)):
-      rng = jax.random.fold_in(base_key, epoch * 100_003 + i)
-      state, m = train_step(state, batch, rng, teacher_params, kd_scale)
-      logs.append(m)
+    state, logs = run_epoch(cfg, train_step, state, bags, labels2, order, base_key, epoch,
+                            teacher_params, kd_scale)
     state = state.replace(epoch=state.epoch + 1)
-    logs = jax.device_get(logs)
     record = {k: float(np.mean([l[k] for l in logs])) for k in logs[0]}
     cur = _attention(cfg, apply_fn, state.params, probe)
     record["attention_jsd"] = diagnostics.attention_jsd(prev, cur)
