@@ -28,7 +28,8 @@ U(+-1/sqrt(D)) (Flax's zero biases would make every score exactly 0 at step
 0, so attention would start uniform and could only leave it slowly).
 
 Differences from the reference: the per-token classifiers (``sub_preds``, not
-in the loss) and the anchor's unused stage-2 parameters are not built; the KD
+in the loss) are not built; the anchor is a copy of the whole parameter tree,
+of which ``scores`` reads only the reduction and FEAT-token attention; the KD
 default is a per-row KL (``kd_reduction="kl_per_row"``) instead of the
 reference's mean over H*T*N elements, which is available as
 ``"reference_mean"`` (divided by H*T*n_valid, not the padded length).
