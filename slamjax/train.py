@@ -125,7 +125,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   t0 = time.perf_counter()
   train, test = bags["train"], bags["test"]
-  mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, workdir, cfg.seed)
+  # One folder per head, so that a rerun with another head does not resume
+  # (or clobber) the previous head's checkpoints.
+  mil_dir = os.path.join(workdir, f"mil_{cfg.mil.head}")
+  mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, mil_dir, cfg.seed)
   out = mil_train.predict(cfg.mil, mil_state, emb["test"])
   timing["mil"] = time.perf_counter() - t0
   if cfg.eval.get("export_features", False):
