@@ -83,8 +83,8 @@ def measure_memory(args, which: str, size: int) -> float:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--size", str(size),
          "--images", str(args.images), "--batch", str(args.batch), "--width", str(args.width),
          "--proj", str(args.proj), "--impl", args.impl, "--threads", str(args.threads)]
-  if args.allocator:
-    cmd.append("--allocator")
+  if not args.allocator:
+    cmd.append("--no-allocator")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -131,12 +131,13 @@ def main(argv=None) -> None:
                ratio_median=statistics.median(jt) / statistics.median(tt),
                ratio_min=min(jt) / min(tt),
                ratio_paired=statistics.median(a / b for a, b in zip(jt, tt)))
+    print(json.dumps(row), flush=True)
     if args.memory:
       del jrun, trun
       row["jax_peak_rss_mib"] = measure_memory(args, "jax", size)
       row["torch_peak_rss_mib"] = measure_memory(args, "torch", size)
+      print(json.dumps({k: row[k] for k in row if "rss" in k}), flush=True)
     rows.append(row)
-    print(json.dumps(row), flush=True)
   load = os.getloadavg()
   lines = [f"Embedding extraction, ResNet-18 width {args.width} + {args.proj}-{args.proj} head, "
            f"{args.images} images in batches of {args.batch}, {args.threads} threads, "

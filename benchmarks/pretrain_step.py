@@ -125,8 +125,8 @@ def measure_memory(args, which: str, size: int) -> dict:
          "--torch-layout", args.torch_layout]
   if args.channels_last:
     cmd.append("--channels-last")
-  if args.allocator:
-    cmd.append("--allocator")
+  if not args.allocator:
+    cmd.append("--no-allocator")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -183,12 +183,13 @@ def main(argv=None) -> None:
                ratio_min=min(jt) / min(tt), ratio_paired=paired,
                jax_first_step_s=compile_s, jax_ms=[round(1e3 * x) for x in jt],
                torch_ms=[round(1e3 * x) for x in tt])
+    print(json.dumps(row), flush=True)
     if args.memory:
       del jrun, trun
       row["jax_peak_rss_mib"] = measure_memory(args, "jax", size)["peak_rss_mib"]
       row["torch_peak_rss_mib"] = measure_memory(args, "torch", size)["peak_rss_mib"]
+      print(json.dumps({k: row[k] for k in row if "rss" in k}), flush=True)
     rows.append(row)
-    print(json.dumps(row), flush=True)
 
   load = os.getloadavg()
   header = (f"SLAM-AGS step, ResNet-18 width {args.width} + {args.proj}-{args.proj} head, "

@@ -1,20 +1,28 @@
 """Backend-dependent formulations of the encoder's layers.
 
-XLA:CPU has two performance cliffs that a plain Flax ResNet-18 falls off:
+A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
+0.10, measured on a 2-core machine; see ``benchmarks/README_SECTION.md``):
 
-* Its convolution kernels are fast for large spatial maps but pathological
-  for tiny ones: a 3x3 convolution on a 2x2 map with 512 channels takes
-  seconds (forward and input gradient), against tens of milliseconds for the
-  same work written as one matrix multiplication. At 64x64 inputs the last
-  ResNet stage runs on 2x2 maps, so this one case dominates a training step.
+* Convolutions on tiny maps: a 3x3 convolution on a 2x2 map with 512
+  channels takes seconds (forward and input gradient), against tens of
+  milliseconds for the same work as one matrix product. At 64x64 inputs the
+  last stage runs on 2x2 maps, so this one case dominated a training step.
+* Convolution weight gradients: XLA computes them as a convolution with the
+  batch contracted, after transposing activations to a channel-major layout;
+  together the two took over half of a 128x128 step. Here they are one
+  im2col matrix product (``cols^T @ dy``) for maps of 8x8 and larger.
+* The max-pool gradient (select-and-scatter): replaced by a custom VJP that
+  routes each output's gradient to the first maximum of its window, exactly
+  as select-and-scatter does, with fused masks and strided pads (4-6x faster).
 * Every large temporary buffer is a fresh ``mmap`` from glibc malloc, so each
-  step page-faults its working set again (about 2.5 us per 4 KiB page);
-  :func:`tune_cpu_allocator` keeps freed memory in the heap instead.
+  step page-faults its working set again (~2.5 us per 4 KiB page; a 95 MB
+  concatenation ran 7x slower than with warm pages). :func:`tune_cpu_allocator`
+  keeps freed memory in the heap instead.
 
 The ``'cpu'`` formulation keeps parameters identical to the ``'native'`` one
 (``flax.linen.Conv`` / ``BatchNorm``) and computes the same function, so
-checkpoints are interchangeable and outputs agree to float32 rounding. It
-picks, per layer shape, XLA's convolution or an im2col matrix product.
+checkpoints are interchangeable and outputs agree to float32 rounding.
+BatchNorm is ``flax.linen.BatchNorm`` in both: XLA fuses it well on CPU.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -121,7 +129,8 @@ CONV_DW_MODES = ("lax", "im2col", "shift")
 # im2col would interleave 3-channel slices) keep XLA's.
 # Maps smaller than conv_dw_min_positions keep XLA's too (measured faster).
 OPTIONS = {"conv_dw": "im2col", "conv_dw_min_in_channels": 8,
-           "conv_dw_min_positions": 64, "pool": "custom"}
+           "conv_dw_min_positions": 64, "conv_dw_chunk_bytes": 64 << 20,
+           "pool": "custom"}
 
 
 def _conv_taps(x, kh, kw, strides):
@@ -136,8 +145,7 @@ def _conv_taps(x, kh, kw, strides):
           for i in range(kh) for j in range(kw)]
 
 
-def _weight_grad(x, dy, kernel_shape, strides, mode):
-  """dL/dkernel of a 'SAME' convolution, as matmuls over shifted slices."""
+def _weight_grad_dense(x, dy, kernel_shape, strides, mode):
   kh, kw, c, o = kernel_shape
   dy2 = dy.reshape(-1, o)
   taps = _conv_taps(x, kh, kw, strides)
@@ -149,6 +157,30 @@ def _weight_grad(x, dy, kernel_shape, strides, mode):
   dws = [lax.dot_general(t.reshape(-1, c), dy2, (((0,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST) for t in taps]
   return jnp.stack(dws).reshape(kernel_shape)
+
+
+def _weight_grad(x, dy, kernel_shape, strides, mode):
+  """dL/dkernel of a 'SAME' convolution, as matmuls over shifted slices.
+
+  The batch is processed in chunks (a sequential ``lax.scan``) so that the
+  im2col columns of one chunk stay under ``OPTIONS['conv_dw_chunk_bytes']``.
+  """
+  kh, kw, c, _ = kernel_shape
+  n = x.shape[0]
+  col_bytes = dy.size // dy.shape[-1] * kh * kw * c * x.dtype.itemsize
+  chunks = max(1, -(-col_bytes // OPTIONS["conv_dw_chunk_bytes"]))
+  while n % chunks:
+    chunks += 1
+  if chunks == 1:
+    return _weight_grad_dense(x, dy, kernel_shape, strides, mode)
+  xs = x.reshape((chunks, n // chunks) + x.shape[1:])
+  dys = dy.reshape((chunks, n // chunks) + dy.shape[1:])
+
+  def body(acc, xd):
+    return acc + _weight_grad_dense(xd[0], xd[1], kernel_shape, strides, mode), None
+
+  dw, _ = lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (xs, dys))
+  return dw.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
