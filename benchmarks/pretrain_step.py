@@ -7,7 +7,8 @@ in PyTorch (``benchmarks/torch_reference.py``), with the same batch, image
 size and thread count. The two are run alternately in one process, so both
 see the same machine load; the ratio is slamjax time / PyTorch time (below 1
 means slamjax is faster). Peak memory (peak RSS while stepping, after
-warm-up) is measured for each in a separate child process.
+warm-up, and its growth over the RSS before stepping) is measured for each
+in a separate child process.
 
   python benchmarks/pretrain_step.py                      # 64 and 128 px
   python benchmarks/pretrain_step.py --sizes 64 --reps 5 --markdown out.md
@@ -186,8 +187,10 @@ def main(argv=None) -> None:
     print(json.dumps(row), flush=True)
     if args.memory:
       del jrun, trun
-      row["jax_peak_rss_mib"] = measure_memory(args, "jax", size)["peak_rss_mib"]
-      row["torch_peak_rss_mib"] = measure_memory(args, "torch", size)["peak_rss_mib"]
+      for which in ("jax", "torch"):
+        m = measure_memory(args, which, size)
+        row[f"{which}_peak_rss_mib"] = m["peak_rss_mib"]
+        row[f"{which}_step_rss_mib"] = m["peak_rss_mib"] - m["rss_before_mib"]
       print(json.dumps({k: row[k] for k in row if "rss" in k}), flush=True)
     rows.append(row)
 
@@ -200,10 +203,11 @@ def main(argv=None) -> None:
             f"{args.reps} alternating reps, load average {load[0]:.1f}")
   lines = [header, "",
            "| image | slamjax ms/step (median, min) | PyTorch ms/step (median, min) "
-           "| ratio (median; paired) | peak RSS slamjax / PyTorch (MiB) |",
+           "| ratio (median; paired) | peak RSS slamjax / PyTorch, MiB (growth while stepping) |",
            "|---|---|---|---|---|"]
   for r in rows:
-    mem = (f"{r['jax_peak_rss_mib']:.0f} / {r['torch_peak_rss_mib']:.0f}"
+    mem = (f"{r['jax_peak_rss_mib']:.0f} ({r['jax_step_rss_mib']:.0f}) / "
+           f"{r['torch_peak_rss_mib']:.0f} ({r['torch_step_rss_mib']:.0f})"
            if "jax_peak_rss_mib" in r else "n/a")
     lines.append(f"| {r['size']}x{r['size']} | {r['jax_ms_median']:.0f}, {r['jax_ms_min']:.0f} "
                  f"| {r['torch_ms_median']:.0f}, {r['torch_ms_min']:.0f} "

@@ -28,9 +28,14 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("shape,k,s,dw", [c + ("default",) for c in CONV_CASES] + [
     ((2, 9, 9, 4), 3, 1, mode) for mode in layers.CONV_DW_MODES] + [
-    ((2, 7, 7, 4), 3, 2, mode) for mode in layers.CONV_DW_MODES])
+    ((2, 7, 7, 4), 3, 2, mode) for mode in layers.CONV_DW_MODES] + [
+    ((2, 9, 9, 4), 3, 1, "im2col_s1"), ((2, 9, 9, 3), 7, 1, "im2col_s1")])
 def test_conv_matches_native(shape, k, s, dw, monkeypatch):
-  if dw != "default":  # force the mode on these small test layers
+  if dw == "im2col_s1":  # the all-im2col path of large stride-1 maps
+    monkeypatch.setitem(layers.OPTIONS, "im2col_min_positions", 0)
+    monkeypatch.setitem(layers.OPTIONS, "conv_dw_min_in_channels", 1)
+    monkeypatch.setitem(layers.OPTIONS, "conv_dw_chunk_bytes", 4096)  # 2 chunks
+  elif dw != "default":  # force the mode on these small test layers
     monkeypatch.setitem(layers.OPTIONS, "conv_dw", dw)
     monkeypatch.setitem(layers.OPTIONS, "conv_dw_min_in_channels", 1)
     monkeypatch.setitem(layers.OPTIONS, "conv_dw_min_positions", 0)
