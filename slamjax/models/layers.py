@@ -128,6 +128,9 @@ CONV_DW_MODES = ("lax", "im2col", "shift")
 # layers with fewer than conv_dw_min_in_channels inputs (the RGB stem, whose
 # im2col would interleave 3-channel slices) keep XLA's.
 # Maps smaller than conv_dw_min_positions keep XLA's too (measured faster).
+# im2col_min_positions: stride-1 maps at least this large do forward, input
+# and weight gradient as chunked im2col products; off by default (faster per
+# layer in isolation, not in the whole 2-core step).
 OPTIONS = {"conv_dw": "im2col", "conv_dw_min_in_channels": 8,
            "conv_dw_min_positions": 64, "conv_dw_chunk_bytes": 16 << 20,
            "im2col_min_positions": 1 << 62, "pool": "custom"}
