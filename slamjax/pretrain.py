@@ -34,7 +34,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from slamjax import checkpoint as ckpt_lib

@@ -17,7 +17,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 
 from slamjax import config_check
@@ -26,6 +25,7 @@ from slamjax import evaluate
 from slamjax import pretrain as pretrain_lib
 from slamjax import report
 from slamjax import sharding
+from slamjax.data import augment
 from slamjax.data import bags as bags_lib
 from slamjax.data import sources
 from slamjax.mil import train as mil_train
@@ -152,7 +152,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     tr_x, te_x = np.concatenate(emb["train"]), np.concatenate(emb["test"])
     tr_y, te_y = np.concatenate(train.witness), np.concatenate(test.witness)
     tr_c, te_c = train.all_cells(), test.all_cells()
-    crop = lambda idx: np.asarray(embed.augment.center_crop(
+    crop = lambda idx: np.asarray(augment.center_crop(
         pool.images[idx], cfg.augment.crop_size)).reshape(len(idx), -1) / 255.0
     results["linear_probe"] = {
         "raw_pixels_auc": linear_probe(crop(tr_c), tr_y, crop(te_c), te_y)["auc"],
