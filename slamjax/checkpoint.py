@@ -19,16 +19,31 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Thin wrapper over ``ocp.CheckpointManager`` for one pytree item."""
+  """Thin wrapper over ``ocp.CheckpointManager`` for one pytree item.
+
+  By default every process of a multi-process run must make the same calls
+  (Orbax synchronises them and writes each shard once). ``process_local=True``
+  is for state that lives on one process only, such as the MIL head trained
+  on process 0: that process saves and restores alone, without barriers.
+  """
 
   def __init__(self, directory: str, max_to_keep: int = 2,
-               save_interval_steps: int = 1):
+               save_interval_steps: int = 1, process_local: bool = False):
     self.directory = os.path.abspath(directory)
+    multiprocessing, create = ocp.options.MultiprocessingOptions(), True
+    if process_local and jax.process_count() > 1:
+      me = jax.process_index()
+      multiprocessing = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me},
+          barrier_sync_key_prefix=f"process{me}")
+      os.makedirs(self.directory, exist_ok=True)  # Orbax refuses to here
+      create = False
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            create=True, enable_async_checkpointing=False))
+            create=create, enable_async_checkpointing=False,
+            multiprocessing_options=multiprocessing))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -17,6 +17,12 @@ How a process learns its place, first match wins:
   slices, SLURM, Open MPI, GKE), i.e. ``jax.distributed.initialize()``.
 
 Without any of these it does nothing and the run is single-process.
+``SLAMJAX_SHUTDOWN_TIMEOUT`` (seconds, default 3600) bounds how long a
+finished process waits for the others at exit.
+
+Only process 0 writes files other than Orbax checkpoints
+(:func:`is_main_process`); after the embeddings, the MIL head and the
+evaluation run on process 0 alone.
 
 Example (two processes on one machine, CPU)::
 
@@ -73,15 +79,28 @@ def initialize(coordinator_address: str | None = None,
     raise ValueError("SLAMJAX_COORDINATOR needs SLAMJAX_NUM_PROCESSES and SLAMJAX_PROCESS_ID")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process id {process_id} not in [0, {num_processes})")
+  # Processes other than 0 finish after the embeddings and then wait at the
+  # shutdown barrier while process 0 trains the MIL head: allow for that.
+  shutdown_timeout = _env_int(environ, "SLAMJAX_SHUTDOWN_TIMEOUT") or 3600
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
+                             local_device_ids=local_device_ids,
+                             shutdown_timeout_seconds=shutdown_timeout)
   _INITIALIZED = True
   return True
 
 
-def is_primary() -> bool:
-  """True on the process that should write logs, plots and reports."""
+def is_main_process() -> bool:
+  """True on the one process (index 0) that writes logs, plots and reports.
+
+  Every process runs the same program; files that are not Orbax checkpoints
+  (metrics, TensorBoard summaries, tables) are written by this one only, so
+  a shared workdir gets each file once.
+
+  Example:
+    >>> is_main_process()  # a single-process run
+    True
+  """
   return jax.process_index() == 0
 
 

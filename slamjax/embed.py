@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from slamjax import distributed
 from slamjax import sharding
 from slamjax.data import augment
 
@@ -35,32 +36,44 @@ def make_embed_fn(cfg, model, mesh):
                            train=False)
     return z if output == "projection" else feats
 
+  # Replicated output: XLA all-gathers the embeddings, so every process of a
+  # multi-process run gets the whole batch, in order.
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh),
                                    sharding.data_sharding(mesh)),
-                 out_shardings=sharding.data_sharding(mesh))
+                 out_shardings=sharding.replicated(mesh))
+
+
+def embed_rows(cfg, model, state, source, rows: np.ndarray, mesh, fn=None) -> np.ndarray:
+  """Embeds ``source[rows]`` (uint8 images) in batches of ``cfg.embed.batch_size``.
+
+  Each process reads only its own devices' rows of every batch and gets all
+  embeddings back, in the order of ``rows``. The last batch is padded (with
+  the first row), not dropped.
+  """
+  fn = fn or make_embed_fn(cfg, model, mesh)
+  rows = np.asarray(rows)
+  bs = cfg.embed.batch_size
+  bs = max(mesh.size, bs - bs % mesh.size)
+  out = []
+  for start in range(0, len(rows), bs):
+    chunk = rows[start:start + bs]
+    n = len(chunk)
+    chunk = np.concatenate([chunk, np.full(bs - n, chunk[0])])
+    emb = fn(state.params, state.batch_stats, sharding.take_batch(mesh, source, chunk))
+    out.append(distributed.fetch_replicated(emb)[:n])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def embed_images(cfg, model, state, images: np.ndarray, mesh,
                  fn=None) -> np.ndarray:
   """Embeds every image (uint8 [N,H,W,3]); the last batch is padded, not dropped."""
-  fn = fn or make_embed_fn(cfg, model, mesh)
-  bs = cfg.embed.batch_size
-  bs = max(mesh.size, bs - bs % mesh.size)
-  out = []
-  for start in range(0, len(images), bs):
-    chunk = images[start:start + bs]
-    n = len(chunk)
-    if n < bs:
-      chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
-    emb = fn(state.params, state.batch_stats, sharding.shard_batch(mesh, chunk))
-    out.append(np.asarray(jax.device_get(emb))[:n])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+  return embed_rows(cfg, model, state, images, np.arange(len(images)), mesh, fn)
 
 
 def embed_bags(cfg, model, state, pool, bagset, mesh) -> list[np.ndarray]:
   """Embeds every cell of every bag; returns one [n_cells, D] array per bag."""
   cells = np.concatenate(bagset.cells)
   uniq, inverse = np.unique(cells, return_inverse=True)
-  emb = embed_images(cfg, model, state, pool.images[uniq], mesh)[inverse]
+  emb = embed_rows(cfg, model, state, pool.images, uniq, mesh)[inverse]
   sizes = np.cumsum([len(c) for c in bagset.cells])[:-1]
   return np.split(emb, sizes)

@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 from slamjax import checkpoint as ckpt_lib
+from slamjax import distributed
 from slamjax import losses
 from slamjax import progress as progress_lib
 from slamjax import sharding
@@ -228,7 +229,8 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
     state = ckpt.restore(state)
     start = int(state.step)
     print(f"pretrain: resumed from step {start}", flush=True)
-  _truncate_log(log_path, start)
+  if distributed.is_main_process():
+    _truncate_log(log_path, start)
   print(f"pretrain: {len(batcher.pos_cells)} positive-bag and "
         f"{len(batcher.neg_cells)} negative-bag cells; batch {batcher.b_pos}+"
         f"{batcher.b_neg}; {batcher.steps_per_epoch} steps/epoch; {total} steps; "
@@ -241,18 +243,18 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   every = cfg.pretrain.log_every_steps
   for step in range(start, total):
     pos, neg = batcher.indices(step)
-    batch = sharding.shard_batch(mesh, {"pos": pool.images[pos],
-                                        "neg": pool.images[neg]})
+    batch = sharding.take_batch(mesh, pool.images, {"pos": pos, "neg": neg})
     state, metrics = step_fn(state, batch)
     done = step + 1
     if done % every == 0 or done == total:
-      m = jax.device_get(metrics)
+      m = distributed.fetch_replicated(metrics)
       m["lr"] = float(schedule(step))
       m["epoch"] = done / batcher.steps_per_epoch
       progress_lib.check_finite(done, m)
       writer.write_scalars(done, m)
-      with open(log_path, "a") as f:
-        f.write(json.dumps({"step": done, **{k: float(v) for k, v in m.items()}}) + "\n")
+      if distributed.is_main_process():
+        with open(log_path, "a") as f:
+          f.write(json.dumps({"step": done, **{k: float(v) for k, v in m.items()}}) + "\n")
       prog.update(done, {k: m[k] for k in ("loss_simclr", "loss_sim", "grad_cos") if k in m})
     if done % cfg.pretrain.checkpoint_every_steps == 0 or done == total:
       ckpt.save(done, state, force=True)

@@ -1,5 +1,8 @@
 """Progress lines (step, rate, ETA) and TensorBoard writers for long loops.
 
+In multi-process runs only process 0 prints progress lines and writes
+summaries (the others would repeat them).
+
 Example:
   >>> p = Progress("demo", total=10, every=5, start=0)
   >>> p.update(5, {"loss": 1.0})  # doctest: +ELLIPSIS
@@ -12,6 +15,8 @@ import math
 import time
 
 import numpy as np
+
+from slamjax import distributed
 
 
 def _fmt_time(seconds: float) -> str:
@@ -33,6 +38,8 @@ class Progress:
   def update(self, step: int, metrics: dict | None = None, force: bool = False):
     if not force and step % self.every and step != self.total:
       return
+    if not distributed.is_main_process():
+      return
     dt = time.perf_counter() - self.t0
     rate = (step - self.s0) / dt if dt > 0 else float("nan")
     eta = (self.total - step) / rate if rate > 0 else float("inf")
@@ -53,7 +60,6 @@ def check_finite(step: int, metrics: dict) -> None:
 
 def create_writer(logdir: str):
   """clu writer: TensorBoard event files (+ logging) on process 0 only."""
-  import jax
   from clu import metric_writers
   return metric_writers.create_default_writer(
-      logdir, just_logging=jax.process_index() > 0, asynchronous=False)
+      logdir, just_logging=not distributed.is_main_process(), asynchronous=False)

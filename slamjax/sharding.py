@@ -40,25 +40,54 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def shard_batch(mesh, tree):
-  """Places a global host batch (same on every process) sharded over ``data``.
+def _check_splits(n: int, mesh) -> None:
+  if n % mesh.size:
+    raise ValueError(f"Batch of {n} does not split over {mesh.size} devices "
+                     f"(config batch sizes must be multiples of the mesh size)")
 
-  Each process contributes its own contiguous slice of the leading axis, so
-  this works unchanged for multi-process runs.
+
+def shard_batch(mesh, tree):
+  """Places a global host batch (the same on every process) sharded over ``data``.
+
+  Each device's slice is copied by ``jax.make_array_from_callback``, so a
+  process only transfers the rows of its own devices, wherever the mesh puts
+  them; this works unchanged for multi-process runs.
   """
   sharding = data_sharding(mesh)
-  nproc, pid = jax.process_count(), jax.process_index()
 
   def put(x):
     x = np.asarray(x)
-    if x.shape[0] % mesh.size:
-      raise ValueError(f"Batch of {x.shape[0]} does not split over "
-                       f"{mesh.size} devices")
-    per = x.shape[0] // nproc
-    local = x[pid * per:(pid + 1) * per]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    _check_splits(x.shape[0], mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   return jax.tree.map(put, tree)
+
+
+def take_batch(mesh, source, rows):
+  """The global batch ``source[rows]`` sharded over ``data``, for each leaf of ``rows``.
+
+  ``rows`` is a pytree of 1-D integer index arrays (the same on every
+  process); ``source`` anything indexable by an index array with a
+  ``shape`` (a numpy array or memmap). A process reads only the rows its
+  own devices hold, never the whole global batch.
+
+  Example:
+    >>> mesh = make_mesh(-1)
+    >>> images = np.arange(40, dtype=np.float32).reshape(10, 4)
+    >>> b = take_batch(mesh, images, {"x": np.arange(jax.device_count()) * 2})
+    >>> np.asarray(b["x"])[0].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+  """
+  sharding = data_sharding(mesh)
+
+  def put(r):
+    r = np.asarray(r)
+    _check_splits(len(r), mesh)
+    shape = (len(r),) + tuple(source.shape[1:])
+    return jax.make_array_from_callback(
+        shape, sharding, lambda idx: np.asarray(source[r[idx[0]]])[(slice(None),) + idx[1:]])
+
+  return jax.tree.map(put, rows)
 
 
 def replicate(mesh, tree):

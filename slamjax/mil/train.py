@@ -297,7 +297,8 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
                    opt_state=jax.jit(tx.init)(params),
                    step=jnp.zeros((), jnp.int32), anchor=anchor, num_tasks=num_tasks,
                    num_base=num_base)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_name))
+  # The head lives on one process (process 0 of a multi-process run).
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_name), process_local=True)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.epoch)

@@ -9,53 +9,22 @@ Run as a script it is the worker: ``multiprocess_test.py OUT [PROCESS_ID]``.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.distributed import launch
+
 STEPS = 3
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(**extra):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLAMJAX_", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES"))}
-  env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **extra)
-  return env
-
-
 def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
-  cmd = lambda out, *a: [sys.executable, os.path.abspath(__file__), str(out), *a]
-  procs = [subprocess.Popen(cmd(tmp_path / "single.npz"), cwd=ROOT,
-                            env=_env(JAX_NUM_CPU_DEVICES="2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-  for pid in range(2):
-    procs.append(subprocess.Popen(
-        cmd(tmp_path / f"multi{pid}.npz", str(pid)), cwd=ROOT,
-        env=_env(JAX_NUM_CPU_DEVICES="1", SLAMJAX_COORDINATOR=f"localhost:{port}",
-                 SLAMJAX_NUM_PROCESSES="2", SLAMJAX_PROCESS_ID=str(pid)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  logs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("worker timed out")
-    logs.append(out)
-    assert p.returncode == 0, out[-4000:]
+  port = launch.free_port()
+  script = os.path.abspath(__file__)
+  procs = [launch.start([script, str(tmp_path / "single.npz")], JAX_NUM_CPU_DEVICES="2")]
+  procs += [launch.start([script, str(tmp_path / f"multi{pid}.npz")],
+                         **launch.process_env(port, pid)) for pid in range(2)]
+  logs = launch.communicate(procs)
   assert "processes=2 devices=2" in logs[1], logs[1][-2000:]
   single = np.load(tmp_path / "single.npz")
   for pid in range(2):
