@@ -39,6 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            "test": (3, 3) if quick else (20, 20)}
   c.bags.split_fractions = None
   c.bags.reuse_cells = False
+  # One binary label per abnormal class ("holds a cell of class c"): heads
+  # train on all of them and results add per-task rows.
+  c.bags.multi_label = False
+  # Witnesses of a positive bag from this many random abnormal classes
+  # (None: from all of them pooled); 1 makes the per-class labels differ.
+  c.bags.witness_classes_per_bag = ml_collections.config_dict.placeholder(int)
 
   # On-device augmentations, as in the reference (crop, flip, jitter, rot90).
   c.augment = ml_collections.ConfigDict()
@@ -79,8 +85,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.embed.output = "projection"  # or "backbone" (pooled ResNet features)
 
   c.mil = ml_collections.ConfigDict()
-  # abmil | aem | pamil | pamil_official | asmil | mecds (slamjax/mil/heads.py)
-  c.mil.head = "abmil"
+  # Heads trained on the same embeddings, one results row each (folder
+  # mil_<head>): abmil | aem | pamil | pamil_official | asmil | mecds
+  # (slamjax/mil/heads.py). Command line: --config.mil.heads=abmil,asmil
+  c.mil.heads = ("abmil",)
   c.mil.hidden_dim = 128
   c.mil.attention_dim = 64
   c.mil.dropout = 0.0

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.unlisted_files = "error"  # or "ignore": feature files not in the CSV
 
   c.mil = ml_collections.ConfigDict()
-  c.mil.head = "abmil"
+  c.mil.heads = ("abmil",)  # several: one results row each, folders mil_<head>
   c.mil.hidden_dim = 32 if quick else 128
   c.mil.attention_dim = 16 if quick else 64
   c.mil.dropout = 0.0

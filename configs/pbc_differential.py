@@ -3,9 +3,10 @@ r"""SLAM-AGS on real PBC blood cells with a normal white-cell differential.
 A negative bag looks like a healthy blood smear: neutrophils, lymphocytes,
 monocytes, eosinophils and basophils in differential-like proportions
 (60/30/6/3/1 %, within adult reference ranges). A positive bag replaces a
-fraction ``witness_rate`` of it with ``ig`` (immature granulocytes) and
-``erythroblast`` cells, which are absent from healthy peripheral blood. The
-normal cells are thus much more varied than in ``pbc_lymphocyte``. Cells are
+fraction ``witness_rate`` of it with ``ig`` (immature granulocytes) or
+``erythroblast`` cells (one of the two per bag), which are absent from
+healthy peripheral blood; each bag carries one label per abnormal class
+(multi-task bags, per-class rows in ``results.md``). The normal cells are thus much more varied than in ``pbc_lymphocyte``. Cells are
 split train/test per class first, then bagged; no cell is in two splits.
 
 Lymphocytes (about 607 per split) are the scarcest at 30 %: the defaults
@@ -47,6 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            "eosinophil", "basophil")
   c.bags.normal_proportions = (0.60, 0.30, 0.06, 0.03, 0.01)
   c.bags.bag_size = 10 if quick else 100
+  # Multi-task bags: each positive bag holds witnesses of one abnormal class,
+  # and carries one label per class (ig, erythroblast), so the heads (MECDS
+  # in particular) learn which abnormality a bag has; per-task rows in results.
+  c.bags.multi_label = True
+  c.bags.witness_classes_per_bag = 1
   c.bags.bags_per_split = {"train": (2, 2) if quick else (10, 10),
                            "test": (2, 2) if quick else (10, 10)}
   c.pretrain.epochs = 1 if quick else 20

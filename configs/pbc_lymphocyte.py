@@ -69,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            "test": (2, 2) if quick else (6, 6)}
   c.bags.split_fractions = None
   c.bags.reuse_cells = False
+  c.bags.multi_label = False  # one label per abnormal class (configs/default.py)
+  c.bags.witness_classes_per_bag = ml_collections.config_dict.placeholder(int)
 
   # On-device augmentations, as in the reference (crop, flip, jitter, rot90).
   c.augment = ml_collections.ConfigDict()

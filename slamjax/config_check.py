@@ -23,7 +23,7 @@ SCHEMA = {
              "dedup", "skip_bad_files", "num_workers", "classes", "max_per_class"},
     "bags": {"normal_classes", "abnormal_classes", "normal_proportions",
              "witness_rate", "bag_size", "bags_per_split", "split_fractions",
-             "reuse_cells", "multi_label"},
+             "reuse_cells", "multi_label", "witness_classes_per_bag"},
     "augment": {"crop_size", "flip", "jitter_strength", "jitter_prob",
                 "rot90_prob", "mean", "std"},
     "model": {"name", "width", "proj_dims", "impl", "head_norm"},

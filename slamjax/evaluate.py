@@ -12,8 +12,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from sklearn import metrics as skm
+
+from slamjax.mil import labels as labels_lib
 
 
 def bag_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
@@ -63,3 +67,87 @@ def retrieval_metrics(attention: list[np.ndarray], witness: list[np.ndarray],
   return {"k": int(k), "witnesses_found_at_k": found, "num_witnesses": total,
           "precision_at_k": mean(prec), "recall_at_k": mean(rec),
           "average_precision": mean(ap), "num_positive_bags": len(ap)}
+
+
+def multitask_bag_metrics(labels: np.ndarray, probs: np.ndarray,
+                          names: Sequence[str] | None = None) -> dict:
+  """Per-task :func:`bag_metrics` (unknown = NaN labels skipped) and their
+  macro average over tasks."""
+  labels, probs = np.asarray(labels, float), np.asarray(probs, float)
+  labels = labels[:, None] if labels.ndim == 1 else labels
+  probs = probs[:, None] if probs.ndim == 1 else probs
+  names = list(names) if names is not None else [f"task_{t}" for t in range(labels.shape[1])]
+  per = {}
+  for t, name in enumerate(names):
+    known = np.isfinite(labels[:, t])
+    per[name] = bag_metrics(labels[known, t].astype(int), probs[known, t])
+  keys = ("f1", "auc", "accuracy", "sensitivity", "specificity")
+  macro = {k: float(np.nanmean([m[k] for m in per.values()])) for k in keys}
+  return {"per_task": per, "macro": macro}
+
+
+def multitask_retrieval(task_attention: Sequence[np.ndarray], witness: Sequence[np.ndarray],
+                        labels: np.ndarray, k: int,
+                        names: Sequence[str] | None = None) -> dict:
+  """Per task, :func:`retrieval_metrics` of its attention on the bags
+  positive for it.
+
+  Args:
+    task_attention: per bag [T, n_i] (``predict(...)["task_attention"]``).
+    witness: per bag [T, n_i] bool (:func:`slamjax.mil.labels.multi_witness`).
+    labels: [n_bags, T] task labels.
+    k: cut-off.
+    names: task names.
+  """
+  labels = np.asarray(labels)
+  names = list(names) if names is not None else [f"task_{t}" for t in range(labels.shape[1])]
+  out = {}
+  for t, name in enumerate(names):
+    pos = np.flatnonzero(labels[:, t] == 1)
+    out[name] = retrieval_metrics([task_attention[i][t] for i in pos],
+                                  [witness[i][t] for i in pos], k)
+  return out
+
+
+def head_results(bagset, out: dict, k: int, tasks=None, seconds: float | None = None) -> dict:
+  """Metrics of one MIL head's predictions ``out`` on simulated bags.
+
+  Args:
+    bagset: the ``BagSet`` predicted (labels, witnesses, cell classes).
+    out: :func:`slamjax.mil.train.predict` on its bags: ``prob`` [n, T],
+      ``attention`` and, for heads with per-task attention, ``task_attention``.
+    k: retrieval cut-off.
+    tasks: None (one bag label) or (task names, pool classes): task t is
+      "the bag holds a cell of class t" (:mod:`slamjax.mil.labels`).
+    seconds: the head's wall time, stored as ``seconds``.
+
+  Returns:
+    ``bag`` (bag label vs the bag probability: the largest task probability,
+    as a bag is positive when any task is), ``retrieval`` (attention vs all
+    witnesses of the positive bags), ``per_bag``, and with ``tasks``
+    ``tasks`` = {name: {"bag", "retrieval"}}: each task's probability, and its
+    own attention row (else the shared attention) vs that class's witnesses.
+  """
+  probs = np.asarray(out["prob"])
+  bag_prob = probs.max(1)
+  pos = np.flatnonzero(bagset.bag_labels == 1)
+  res = {"bag": bag_metrics(bagset.bag_labels, bag_prob),
+         "retrieval": retrieval_metrics([out["attention"][i] for i in pos],
+                                        [bagset.witness[i] for i in pos], k),
+         "per_bag": [{"label": int(y), "prob": float(p), "num_witnesses": int(w.sum())}
+                     for y, p, w in zip(bagset.bag_labels, bag_prob, bagset.witness)]}
+  if seconds is not None:
+    res["seconds"] = round(float(seconds), 1)
+  if tasks:
+    names, classes = tasks
+    y = labels_lib.multi_labels(bagset, classes)
+    witness = labels_lib.multi_witness(bagset, classes)
+    task_att = out.get("task_attention") or [
+        np.broadcast_to(a, (len(names), len(a))) for a in out["attention"]]
+    bag = multitask_bag_metrics(y, probs, names)["per_task"]
+    ret = multitask_retrieval(task_att, witness, y, k, names)
+    res["tasks"] = {n: {"bag": bag[n], "retrieval": ret[n]} for n in names}
+    for row, yi, pi in zip(res["per_bag"], y, probs):
+      row.update(task_labels=yi.astype(int).tolist(), task_probs=pi.tolist())
+  return res
+

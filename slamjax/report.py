@@ -31,21 +31,72 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   return "\n".join(lines)
 
 
+# Display names of the metrics in the per-head tables.
+_BAG = {"f1": "F1", "auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity"}
+
+
+def metrics_row(bag: dict, retrieval: dict | None = None, **labels) -> dict:
+  """One row of :func:`metrics_table`: ``labels`` (e.g. head, task) first,
+  then bag F1/AUC/sensitivity/specificity and, if given, top-K retrieval.
+
+  Example:
+    >>> r = metrics_row({"f1": 1.0, "auc": 1.0, "sensitivity": 1.0, "specificity": 1.0},
+    ...                 {"k": 2, "witnesses_found_at_k": 3, "num_witnesses": 4,
+    ...                  "precision_at_k": 0.75, "recall_at_k": 0.75,
+    ...                  "average_precision": 0.9}, head="abmil")
+    >>> r["head"], r["found@2"], r["AP"]
+    ('abmil', '3 / 4', 0.9)
+  """
+  row = dict(labels, **{name: bag[key] for key, name in _BAG.items()})
+  if retrieval:
+    k = retrieval["k"]
+    row.update({f"found@{k}": f"{retrieval['witnesses_found_at_k']} / "
+                              f"{retrieval['num_witnesses']}",
+                f"precision@{k}": retrieval["precision_at_k"],
+                f"recall@{k}": retrieval["recall_at_k"],
+                "AP": retrieval["average_precision"]})
+  return row
+
+
+def metrics_table(rows: list[dict]) -> str:
+  """Markdown table of :func:`metrics_row` rows (columns in first-seen order;
+  a row without retrieval leaves those cells empty)."""
+  columns = list(dict.fromkeys(c for r in rows for c in r))
+  return markdown_table(rows, columns)
+
+
+def head_rows(heads: dict) -> tuple[list[dict], list[dict]]:
+  """(one row per head, one row per head and task) of ``results["heads"]``."""
+  per_head, per_task = [], []
+  for name, h in heads.items():
+    per_head.append(metrics_row(h["bag"], h.get("retrieval"), head=name))
+    if "seconds" in h:  # training + prediction, compilation included
+      per_head[-1]["time (s)"] = f"{h['seconds']:.1f}"
+    for task, t in h.get("tasks", {}).items():
+      per_task.append(metrics_row(t["bag"], t.get("retrieval"), head=name, task=task))
+  return per_head, per_task
+
+
 def write_results(workdir: str, results: dict) -> str:
-  """Writes ``metrics.json`` and ``results.md``; returns the markdown."""
+  """Writes ``metrics.json`` and ``results.md`` (one row per MIL head, and per
+  head and task for multi-task bags); returns the markdown."""
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
-  bag, ret = results["bag"], results["retrieval"]
+  per_head, per_task = head_rows(results["heads"])
+  test = results["test_bags"]
   md = ["# slamjax results", "",
         f"Witness rate {results['witness_rate']}, bag size {results['bag_size']}, "
-        f"pretraining surgery `{results['surgery']}`, MIL head `{results['head']}`.", "",
-        "## Bag classification (test split)", "",
-        markdown_table([bag], ["num_bags", "f1", "auc", "accuracy", "sensitivity",
-                               "specificity"]), "",
-        f"## Witness retrieval by attention (top-{ret['k']}, positive test bags)", "",
-        markdown_table([ret], ["num_positive_bags", "witnesses_found_at_k",
-                               "num_witnesses", "precision_at_k", "recall_at_k",
-                               "average_precision"]), ""]
+        f"pretraining surgery `{results['surgery']}`. Test split: {test['num_bags']} bags "
+        f"({test['num_positive']} positive); retrieval ranks the cells of each positive "
+        "bag by attention (found = true witnesses among the top K, over all bags).", "",
+        "## Bag classification (test split) and witness retrieval, one row per MIL head",
+        "",
+        metrics_table(per_head), ""]
+  if per_task:
+    md += ["## Per task (one binary label per abnormal class)", "",
+           "A task is positive when the bag holds a cell of that class; the head's "
+           "bag probability above is the largest task probability.", "",
+           metrics_table(per_task), ""]
   if "linear_probe" in results:
     md += ["## Cell-level linear probes (test cells)", "",
            markdown_table([results["linear_probe"]], list(results["linear_probe"])), ""]

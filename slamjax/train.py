@@ -8,7 +8,8 @@ Example (what ``slamjax.main`` runs)::
 
   from configs import default
   results = train_and_evaluate(default.get_config("quick"), "/tmp/slamjax_quick")
-  results["bag"]["f1"], results["retrieval"]["recall_at_k"]
+  abmil = results["heads"]["abmil"]  # one entry per head of config.mil.heads
+  abmil["bag"]["f1"], abmil["retrieval"]["recall_at_k"]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from slamjax import sharding
 from slamjax.data import augment
 from slamjax.data import bags as bags_lib
 from slamjax.data import sources
-from slamjax.mil import train as mil_train
+from slamjax.mil import labels as labels_lib
+from slamjax.mil import multihead
 
 
 def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
@@ -40,7 +42,17 @@ def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
       bags_per_split={k: tuple(v) for k, v in b.bags_per_split.items()},
       split_fractions=dict(b.split_fractions) if b.split_fractions else None,
       normal_proportions=tuple(b.normal_proportions) if b.normal_proportions else None,
-      reuse_cells=b.reuse_cells)
+      reuse_cells=b.reuse_cells,
+      witness_classes_per_bag=b.get("witness_classes_per_bag"))
+
+
+def bag_tasks(cfg, pool) -> tuple[tuple[str, ...], list[int]] | None:
+  """(task names, pool classes) when ``bags.multi_label``: one binary label
+  per abnormal class ("the bag holds a cell of this class"); else None."""
+  if not cfg.bags.get("multi_label", False):
+    return None
+  names = tuple(cfg.bags.abnormal_classes)
+  return names, list(pool.class_index(names))
 
 
 def prepare_data(cfg):
@@ -125,29 +137,38 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   t0 = time.perf_counter()
   train, test = bags["train"], bags["test"]
-  # One folder per head, so that a rerun with another head does not resume
-  # (or clobber) the previous head's checkpoints.
-  mil_dir = os.path.join(workdir, f"mil_{cfg.mil.head}")
-  mil_state = mil_train.fit(cfg.mil, emb["train"], train.bag_labels, mil_dir, cfg.seed)
-  out = mil_train.predict(cfg.mil, mil_state, emb["test"])
+  tasks = bag_tasks(cfg, pool)
+  y_train = labels_lib.multi_labels(train, tasks[1]) if tasks else train.bag_labels
+  # Every head on the same embeddings, each in workdir/mil_<head>: a rerun
+  # with more heads resumes the trained ones and trains only the new ones.
+  runs = multihead.fit_predict(cfg.mil, emb["train"], y_train, {"test": emb["test"]},
+                               workdir, cfg.seed)
   timing["mil"] = time.perf_counter() - t0
-  if cfg.eval.get("export_features", False):
-    features_export.export_bag_attention(workdir, pool, test, "test", out["attention"],
-                                         out.get("task_attention"))
-
-  probs = out["prob"][:, 0]
-  pos = np.flatnonzero(test.bag_labels == 1)
   results = {
       "witness_rate": cfg.bags.witness_rate, "bag_size": cfg.bags.bag_size,
       "surgery": cfg.pretrain.surgery if cfg.pretrain.epochs > 0 else "none (random init)",
-      "head": cfg.mil.head,
-      "bag": evaluate.bag_metrics(test.bag_labels, probs),
-      "retrieval": evaluate.retrieval_metrics(
-          [out["attention"][i] for i in pos], [test.witness[i] for i in pos],
-          cfg.eval.top_k),
-      "per_bag": [{"label": int(y), "prob": float(p), "num_witnesses": int(w.sum())}
-                  for y, p, w in zip(test.bag_labels, probs, test.witness)],
+      "test_bags": {"num_bags": test.num_bags, "num_positive": int(test.bag_labels.sum())},
+      "heads": {r.name: evaluate.head_results(test, r.outputs["test"], cfg.eval.top_k,
+                                              tasks, r.seconds) for r in runs},
   }
+  if tasks:
+    results["tasks"] = list(tasks[0])
+  pos = np.flatnonzero(test.bag_labels == 1)
+  show = list(pos[:cfg.eval.num_plot_bags])
+  for r in runs:
+    out = r.outputs["test"]
+    if cfg.eval.get("export_features", False):
+      features_export.export_bag_attention(r.workdir, pool, test, "test", out["attention"],
+                                           out.get("task_attention"))
+    if show:
+      probs = [p["prob"] for p in results["heads"][r.name]["per_bag"]]
+      report.plot_attention(
+          os.path.join(r.workdir, "attention_top_cells.png"),
+          [pool.images[test.cells[i]] for i in show], [out["attention"][i] for i in show],
+          [test.witness[i] for i in show],
+          [f"{r.name}: bag {i} p={probs[i]:.2f}\n{int(test.witness[i].sum())} witnesses"
+           for i in show])
+
   if cfg.eval.get("linear_probe", True):
     tr_x, te_x = np.concatenate(emb["train"]), np.concatenate(emb["test"])
     tr_y, te_y = np.concatenate(train.witness), np.concatenate(test.witness)
@@ -160,12 +181,5 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   timing["total"] = sum(timing.values())
   results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
 
-  show = list(pos[:cfg.eval.num_plot_bags])
-  if show:
-    report.plot_attention(
-        os.path.join(workdir, "attention_top_cells.png"),
-        [pool.images[test.cells[i]] for i in show], [out["attention"][i] for i in show],
-        [test.witness[i] for i in show],
-        [f"bag {i} p={probs[i]:.2f}\n{int(test.witness[i].sum())} witnesses" for i in show])
   print(report.write_results(workdir, results), flush=True)
   return results

@@ -4,16 +4,19 @@ What ``python -m slamjax.main`` runs when ``config.data.source == "features"``
 (see ``configs/features_folder.py``): load and check the folder
 (:mod:`slamjax.features.dataset`), split the slides (the CSV's ``split``
 column, else a stratified random split), standardise with training-slide
-statistics, train the head with ``slamjax.mil.train.fit``, predict every
-split, and write under ``workdir``:
+statistics, train every head of ``config.mil.heads``
+(:mod:`slamjax.mil.multihead`), predict every split, and write under
+``workdir``:
 
-* ``metrics.json`` / ``results.md``: bag metrics of the test split (and val
-  if any) per label column; attention retrieval of witnesses only when the
-  feature files carry instance labels (``witness``);
-* ``predictions.csv``: slide_id, split, label and probability per column;
-* ``attention/<slide_id>.csv`` for every slide (``eval.export_attention``).
+* ``metrics.json`` / ``results.md``: one row per head with the bag metrics of
+  the test split (and val if any), per label column when there are several;
+  attention retrieval of witnesses only when the feature files carry
+  instance labels (``witness``);
+* per head, in ``mil_<head>/`` (also its checkpoints): ``predictions.csv``
+  (slide_id, split, label and probability per column) and
+  ``attention/<slide_id>.csv`` for every slide (``eval.export_attention``).
 
-Rerunning with the same workdir resumes the MIL head from its checkpoint.
+Rerunning with the same workdir resumes every head from its checkpoint.
 
 Example::
 
@@ -21,7 +24,7 @@ Example::
   cfg = features_folder.get_config("quick")
   cfg.data.root = "/path/to/features"
   results = train_and_evaluate_features(cfg, "/tmp/slamjax_features")
-  results["bag"]["auc"]
+  results["heads"]["abmil"]["bag"]["auc"]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from slamjax import evaluate
 from slamjax import report
 from slamjax.features import dataset as dataset_lib
 from slamjax.features import export
-from slamjax.mil import train as mil_train
+from slamjax.mil import multihead
 
 # Allowed keys of a features-mode config (image-pipeline sections such as
 # bags/augment/model/pretrain do not apply and are rejected).
@@ -76,6 +79,7 @@ def validate(cfg) -> None:
   config_check._range(cfg, "mil.batch_size", cfg.mil.batch_size, 1, float("inf"),
                       integer=True)
   config_check._range(cfg, "eval.top_k", cfg.eval.top_k, 1, float("inf"), integer=True)
+  multihead.head_names(cfg.mil)
 
 
 def _instances_first(a, n: int) -> np.ndarray:
@@ -96,15 +100,21 @@ def _task_scores(a: np.ndarray, num_tasks: int) -> np.ndarray:
 
 
 def _split_metrics(ds, idx, out, k) -> dict:
+  """``bag`` (first label column), ``retrieval`` (first column's positive
+  slides with instance labels, if any) and, with several label columns,
+  ``tasks`` = {column: {"bag"}} (the first also with ``retrieval``)."""
   cols = ds.label_columns
   labels, probs = ds.labels[idx], out["prob"]
-  per_task = {c: evaluate.bag_metrics(labels[:, j], probs[:, j]) for j, c in enumerate(cols)}
-  res = {"bag": per_task[cols[0]], "bag_per_task": per_task}
+  tasks = {c: {"bag": evaluate.bag_metrics(labels[:, j], probs[:, j])}
+           for j, c in enumerate(cols)}
+  res = {"bag": tasks[cols[0]]["bag"]}
   pos = [j for j, i in enumerate(idx) if labels[j, 0] == 1 and ds.witness[i] is not None]
   if pos:
-    res["retrieval"] = evaluate.retrieval_metrics(
+    res["retrieval"] = tasks[cols[0]]["retrieval"] = evaluate.retrieval_metrics(
         [_task_scores(out["attention"][j], len(cols)) for j in pos],
         [ds.witness[idx[j]] for j in pos], k)
+  if len(cols) > 1:
+    res["tasks"] = tasks
   return res
 
 
@@ -123,27 +133,24 @@ def _write_results(workdir: str, results: dict) -> str:
   import json
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
-  bag_cols = ["num_bags", "f1", "auc", "accuracy", "sensitivity", "specificity"]
   md = ["# slamjax results (feature folder)", "",
         f"{sum(results['num_slides'].values())} slides ("
         + ", ".join(f"{s}: {n}" for s, n in results["num_slides"].items())
         + f") of dimension {results['dim']} from "
-        f"`{results['root']}`; MIL head `{results['head']}`; label column(s) "
-        f"{', '.join(results['label_columns'])}.", ""]
+        f"`{results['root']}`; label column(s) {', '.join(results['label_columns'])}. "
+        "Bag metrics and attention retrieval are for the first label column; "
+        "with several columns, the per-column rows follow.", ""]
+  heads = results["heads"]
   for split in ("test", "val"):
-    r = results if split == "test" else results.get("val")
-    if r is None:
+    per_split = {h: (r if split == "test" else r.get("val")) for h, r in heads.items()}
+    if any(v is None for v in per_split.values()):
       continue
-    md += [f"## Bag classification ({split} split)", "",
-           report.markdown_table([{"task": c, **m} for c, m in r["bag_per_task"].items()],
-                                 ["task"] + bag_cols), ""]
-    if "retrieval" in r:
-      ret = r["retrieval"]
-      md += [f"## Witness retrieval by attention (top-{ret['k']}, positive {split} slides)",
-             "", report.markdown_table([ret], [
-                 "num_positive_bags", "witnesses_found_at_k", "num_witnesses",
-                 "precision_at_k", "recall_at_k", "average_precision"]), ""]
-  if "retrieval" not in results:
+    per_head, per_task = report.head_rows(per_split)
+    md += [f"## Bag classification ({split} split), one row per MIL head", "",
+           report.metrics_table(per_head), ""]
+    if per_task:
+      md += [f"## Per label column ({split} split)", "", report.metrics_table(per_task), ""]
+  if not any("retrieval" in r for r in heads.values()):
     md += ["No instance labels (`witness`) in the feature files: attention "
            "retrieval is not scored.", ""]
   md += ["## Wall time (s)", "", report.markdown_table([results["timing_s"]],
@@ -184,39 +191,42 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
 
   t0 = time.perf_counter()
   tr = split_idx["train"]
-  state = mil_train.fit(cfg.mil, [feats[i] for i in tr], labels[tr], workdir, cfg.seed)
-  outs = {s: mil_train.predict(cfg.mil, state, [feats[i] for i in idx])
-          for s, idx in split_idx.items()}
-  for s, idx in split_idx.items():
-    outs[s]["attention"] = [_instances_first(a, len(feats[i]))
-                            for a, i in zip(outs[s]["attention"], idx)]
-    if outs[s].get("task_attention") is not None:  # heads with per-task attention: [T, N]
-      outs[s]["task_attention"] = [None if t is None else np.asarray(t).T
-                                   for t in outs[s]["task_attention"]]
+  runs = multihead.fit_predict(cfg.mil, [feats[i] for i in tr], labels[tr],
+                               {s: [feats[i] for i in idx] for s, idx in split_idx.items()},
+                               workdir, cfg.seed)
   timing["mil"] = time.perf_counter() - t0
 
   test_idx = split_idx["test"]
   results = {
       "source": "features", "root": os.path.abspath(d.root), "dim": ds.dim,
       "num_slides": {s: int(len(i)) for s, i in split_idx.items()},
-      "label_columns": list(ds.label_columns), "head": cfg.mil.head,
-      "standardize": bool(d.standardize),
-      **_split_metrics(ds, test_idx, outs["test"], cfg.eval.top_k),
-      "per_bag": [{"slide_id": ds.slide_ids[i], "label": ds.labels[i].tolist(),
-                   "prob": outs["test"]["prob"][j].tolist()}
-                  for j, i in enumerate(test_idx)],
-  }
-  if "val" in split_idx:
-    results["val"] = _split_metrics(ds, split_idx["val"], outs["val"], cfg.eval.top_k)
-  _write_predictions(os.path.join(workdir, "predictions.csv"), ds, split_idx, outs)
-  if cfg.eval.export_attention:
+      "label_columns": list(ds.label_columns), "standardize": bool(d.standardize),
+      "heads": {}}
+  for run in runs:
+    outs = run.outputs
     for s, idx in split_idx.items():
-      export.export_attention(
-          os.path.join(workdir, "attention"), [ds.slide_ids[i] for i in idx],
-          outs[s]["attention"], class_attention=outs[s].get("task_attention"),
-          coords=[ds.coords[i] for i in idx],
-          cell_ids=[ds.cell_ids[i] for i in idx], witness=[ds.witness[i] for i in idx],
-          names=ds.label_columns)
+      outs[s]["attention"] = [_instances_first(a, len(feats[i]))
+                              for a, i in zip(outs[s]["attention"], idx)]
+      if outs[s].get("task_attention") is not None:  # per-task attention: [T, N]
+        outs[s]["task_attention"] = [None if t is None else np.asarray(t).T
+                                     for t in outs[s]["task_attention"]]
+    res = results["heads"][run.name] = {
+        **_split_metrics(ds, test_idx, outs["test"], cfg.eval.top_k),
+        "per_bag": [{"slide_id": ds.slide_ids[i], "label": ds.labels[i].tolist(),
+                     "prob": outs["test"]["prob"][j].tolist()}
+                    for j, i in enumerate(test_idx)],
+        "seconds": round(run.seconds, 1)}
+    if "val" in split_idx:
+      res["val"] = _split_metrics(ds, split_idx["val"], outs["val"], cfg.eval.top_k)
+    _write_predictions(os.path.join(run.workdir, "predictions.csv"), ds, split_idx, outs)
+    if cfg.eval.export_attention:
+      for s, idx in split_idx.items():
+        export.export_attention(
+            os.path.join(run.workdir, "attention"), [ds.slide_ids[i] for i in idx],
+            outs[s]["attention"], class_attention=outs[s].get("task_attention"),
+            coords=[ds.coords[i] for i in idx],
+            cell_ids=[ds.cell_ids[i] for i in idx], witness=[ds.witness[i] for i in idx],
+            names=ds.label_columns)
   timing["total"] = sum(timing.values())
   results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
   print(_write_results(workdir, results), flush=True)

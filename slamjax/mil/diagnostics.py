@@ -1,4 +1,5 @@
-"""Retrieval, multi-task metrics and attention stability of trained heads.
+"""Retrieval and attention stability of trained heads (multi-task metrics
+are in :mod:`slamjax.evaluate`).
 
 Example:
   >>> import numpy as np
@@ -15,8 +16,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-
-from slamjax import evaluate
 
 
 def top_k_cells(attention: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
@@ -67,43 +66,3 @@ def stability_summary(workdir: str, last_k: int = 5) -> dict:
   jsd = [r["attention_jsd"] for r in recs]
   return {"phase": recs[-1]["phase"], "epochs": len(jsd), "first_epoch_jsd": jsd[0],
           f"last{last_k}_mean_jsd": float(np.mean(jsd[-last_k:]))}
-
-
-def multitask_bag_metrics(labels: np.ndarray, probs: np.ndarray,
-                          names: Sequence[str] | None = None) -> dict:
-  """Per-task :func:`slamjax.evaluate.bag_metrics` (unknown = NaN labels
-  skipped) and their macro average over tasks."""
-  labels, probs = np.asarray(labels, float), np.asarray(probs, float)
-  labels = labels[:, None] if labels.ndim == 1 else labels
-  probs = probs[:, None] if probs.ndim == 1 else probs
-  names = list(names) if names is not None else [f"task_{t}" for t in range(labels.shape[1])]
-  per = {}
-  for t, name in enumerate(names):
-    known = np.isfinite(labels[:, t])
-    per[name] = evaluate.bag_metrics(labels[known, t].astype(int), probs[known, t])
-  keys = ("f1", "auc", "accuracy", "sensitivity", "specificity")
-  macro = {k: float(np.nanmean([m[k] for m in per.values()])) for k in keys}
-  return {"per_task": per, "macro": macro}
-
-
-def multitask_retrieval(task_attention: Sequence[np.ndarray], witness: Sequence[np.ndarray],
-                        labels: np.ndarray, k: int,
-                        names: Sequence[str] | None = None) -> dict:
-  """Per task, :func:`slamjax.evaluate.retrieval_metrics` of its attention on
-  the bags positive for it.
-
-  Args:
-    task_attention: per bag [T, n_i] (``predict(...)["task_attention"]``).
-    witness: per bag [T, n_i] bool (:func:`slamjax.mil.labels.multi_witness`).
-    labels: [n_bags, T] task labels.
-    k: cut-off.
-    names: task names.
-  """
-  labels = np.asarray(labels)
-  names = list(names) if names is not None else [f"task_{t}" for t in range(labels.shape[1])]
-  out = {}
-  for t, name in enumerate(names):
-    pos = np.flatnonzero(labels[:, t] == 1)
-    out[name] = evaluate.retrieval_metrics([task_attention[i][t] for i in pos],
-                                           [witness[i][t] for i in pos], k)
-  return out

@@ -39,9 +39,11 @@ def test_main_command_trains_a_head_from_h5_npz_npy(mixed_folder, tmp_path):
   assert "features: 8 slides, dim 6" in r.stdout and "Bag classification (test split)" in r.stdout
   m = json.load(open(os.path.join(wd, "metrics.json")))
   assert m["num_slides"] == {"train": 5, "test": 3} and m["dim"] == 6
-  assert m["bag"]["num_bags"] == 3 and set(m["bag"]) >= {"f1", "auc", "sensitivity"}
-  assert "retrieval" not in m  # no instance labels in these files
+  head = m["heads"]["abmil"]
+  assert head["bag"]["num_bags"] == 3 and set(head["bag"]) >= {"f1", "auc", "sensitivity"}
+  assert "retrieval" not in head  # no instance labels in these files
   assert "not scored" in open(os.path.join(wd, "results.md")).read()
+  wd = os.path.join(wd, "mil_abmil")  # the head's own files
   preds = _read_csv(os.path.join(wd, "predictions.csv"))
   assert [p["slide_id"] for p in preds] == [f"slide_{i}" for i in range(8)]
   assert [p["split"] for p in preds] == ["train"] * 5 + ["test"] * 3
@@ -107,7 +109,8 @@ def test_round_trip_export_then_features_matches_direct_training(tmp_path):
   # Features mode through the main pipeline's dispatch, same MIL config and seed.
   cfg.data.root = folder
   wd = str(tmp_path / "features_run")
-  res = train.train_and_evaluate(cfg, wd)
+  res = train.train_and_evaluate(cfg, wd)["heads"]["abmil"]
+  wd = os.path.join(wd, "mil_abmil")
   preds = [p for p in _read_csv(os.path.join(wd, "predictions.csv")) if p["split"] == "test"]
   got = np.array([float(p["prob_label"]) for p in preds], np.float32)
   np.testing.assert_array_equal(got, ref["prob"][:, 0])
@@ -150,26 +153,28 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
   cfg.mil.epochs = 2
   cfg.eval.top_k = 2
   wd = str(tmp_path / "run")
-  res = pipeline.train_and_evaluate_features(cfg, wd)
-  assert res["label_columns"] == ["tumor", "grade"]
-  assert set(res["bag_per_task"]) == {"tumor", "grade"} and res["bag"] == res["bag_per_task"]["tumor"]
-  assert res["num_slides"] == {"train": 6, "val": 2, "test": 2}
+  full = pipeline.train_and_evaluate_features(cfg, wd)
+  assert full["label_columns"] == ["tumor", "grade"]
+  assert full["num_slides"] == {"train": 6, "val": 2, "test": 2}
+  res = full["heads"]["abmil"]
+  assert set(res["tasks"]) == {"tumor", "grade"} and res["bag"] == res["tasks"]["tumor"]["bag"]
   assert res["val"]["bag"]["num_bags"] == 2
   # Retrieval only where positive slides have instance labels: test m9 (h5 with
   # witness) yes; val m7 (positive, .npz without witness) no.
   assert res["retrieval"]["num_positive_bags"] == 1 and res["retrieval"]["num_witnesses"] == 2
   assert "retrieval" not in res["val"]
-  preds = _read_csv(os.path.join(wd, "predictions.csv"))
+  metrics = json.load(open(os.path.join(wd, "metrics.json")))
+  assert metrics["heads"]["abmil"]["tasks"]["grade"]["bag"]["num_bags"] == 2
+  preds = _read_csv(os.path.join(wd, "mil_abmil", "predictions.csv"))
   assert list(preds[0]) == ["slide_id", "split", "tumor", "grade", "prob_tumor", "prob_grade"]
-  assert json.load(open(os.path.join(wd, "metrics.json")))["bag_per_task"]["grade"]["num_bags"] == 2
-  att = _read_csv(os.path.join(wd, "attention", "m9.csv"))
+  att = _read_csv(os.path.join(wd, "mil_abmil", "attention", "m9.csv"))
   assert list(att[0]) == ["instance", "witness", "attention", "attention_tumor",
                           "attention_grade"]
   assert [r["attention"] for r in att] == [r["attention_tumor"] for r in att]
   assert [r["attention"] for r in att][::-1] == [r["attention_grade"] for r in att]
   # Rerunning resumes the trained head: identical predictions.
   again = pipeline.train_and_evaluate_features(cfg, wd)
-  assert again["per_bag"] == res["per_bag"]
+  assert again["heads"]["abmil"]["per_bag"] == res["per_bag"]
 
 
 def test_features_config_errors():

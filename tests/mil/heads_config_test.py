@@ -1,4 +1,4 @@
-"""Heads are selectable from config.mil.head; config keys match the defaults;
+"""Heads are selectable from config.mil.heads; config keys match the defaults;
 multi-task labels and metrics from simulated bags."""
 
 import importlib.util
@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from slamjax import evaluate
 from slamjax.data import bags as bags_lib
-from slamjax.mil import diagnostics, heads, labels, options
+from slamjax.mil import diagnostics, heads, labels, multihead, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,19 +24,34 @@ def _default_config():
 
 def test_every_head_selectable_from_default_config():
   cfg = _default_config()
-  resolved = options.resolve(cfg.mil)
-  assert set(resolved.to_dict()) == set(options.DEFAULTS)
+  assert multihead.head_names(cfg.mil) == ("abmil",)
   for section in ("pamil", "asmil", "mecds"):
     assert set(cfg.mil[section].to_dict()) == set(options.DEFAULTS[section]), section
   built = {}
   for name in heads.HEADS:
-    cfg.mil.head = name
-    built[name] = type(heads.get_head(cfg.mil, num_tasks=2)).__name__
+    head_cfg = multihead.head_config(cfg.mil, name)
+    assert set(head_cfg.to_dict()) == set(options.DEFAULTS) and head_cfg.head == name
+    built[name] = type(heads.get_head(head_cfg, num_tasks=2)).__name__
   assert built == {"abmil": "GatedABMIL", "aem": "GatedABMIL", "pamil": "PAMIL",
                    "pamil_official": "PAMIL", "asmil": "ASMIL", "mecds": "MECDS"}
   assert heads.aem_weight(options.resolve(dict(head="aem"))) == 0.1
   with pytest.raises(ValueError, match="valid"):
     heads.get_head(dict(head="nope"))
+
+
+@pytest.mark.parametrize("heads_value,match", [
+    (("abmil", "nope"), r"config.mil.heads has unknown head\(s\) \['nope'\]"),
+    ((), r"config.mil.heads=\(\) names no head"),
+    (("abmil,abmil",), r"lists a head twice"),
+])
+def test_bad_heads_name_the_field(heads_value, match):
+  with pytest.raises(ValueError, match=match):
+    multihead.head_names({"heads": heads_value})
+
+
+def test_old_single_head_key_is_rejected():
+  with pytest.raises(ValueError, match=r"config.mil.head='asmil' is replaced by config.mil.heads"):
+    multihead.head_names({"head": "asmil", "heads": ("abmil",)})
 
 
 def test_multi_labels_and_metrics():
@@ -50,11 +66,11 @@ def test_multi_labels_and_metrics():
     assert wi.shape == (2, len(w)) and (wi.any(1) == yi.astype(bool)).all()
     assert (wi.any(0) == w).all()
   probs = np.clip(y + 0.1, 0, 0.9)
-  m = diagnostics.multitask_bag_metrics(y, probs, ["c1", "c2"])
+  m = evaluate.multitask_bag_metrics(y, probs, ["c1", "c2"])
   assert m["macro"]["f1"] == 1.0 and set(m["per_task"]) == {"c1", "c2"}
   # cell scores: the witnesses of each task rank first
   att = [w.astype(float) + 0.01 for w in wit]
-  r = diagnostics.multitask_retrieval(att, wit, y, k=2)
+  r = evaluate.multitask_retrieval(att, wit, y, k=2)
   assert r["task_0"]["average_precision"] == 1.0 and r["task_1"]["average_precision"] == 1.0
   assert diagnostics.top_k_cells([np.array([0.1, 0.5, 0.2])], 2)[0].tolist() == [1, 2]
   assert diagnostics.stability_series([[np.ones(4)], [np.ones(4)]])[1] == 0.0
