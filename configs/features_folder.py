@@ -25,9 +25,10 @@ column; select some with ``--config.data.label_columns=a,b``). ``split``
 
 Quick variant (few epochs, small head) for smoke runs and tests:
 ``--config configs/features_folder.py:quick``. Results go to
-``workdir/results.md`` / ``metrics.json``; per-slide predictions to
-``predictions.csv``; per-slide attention (instance, x, y, attention) to
-``workdir/attention/<slide_id>.csv``.
+``workdir/results.md`` / ``metrics.json`` (one row per head of
+``mil.heads``); per head, per-slide predictions to
+``workdir/mil_<head>/predictions.csv`` and per-slide attention (instance, x,
+y, attention) to ``workdir/mil_<head>/attention/<slide_id>.csv``.
 """
 
 import ml_collections
