@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Loss weights of (SimCLR, similarity); (1, 0) / (0, 1) give the
   # single-task baselines.
   c.pretrain.task_weights = (1.0, 1.0)
+  # "slam", or "bag_label": the weakly supervised baseline (cells inherit
+  # their bag label; needs model.proj_dims ending in 1, embed.output="backbone").
+  c.pretrain.objective = "slam"
   c.pretrain.epochs = 2 if quick else 20
   c.pretrain.batch_size = 32 if quick else 128
   c.pretrain.lr = 0.05

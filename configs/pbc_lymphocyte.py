@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.surgery = "adaptive_pcgrad"
   c.pretrain.surgery_granularity = "model"  # or "leaf": one surgery per tensor
   c.pretrain.task_weights = (1.0, 1.0)  # (SimCLR, similarity)
+  # "slam", or "bag_label": the weakly supervised baseline (cells inherit
+  # their bag label; needs model.proj_dims ending in 1, embed.output="backbone").
+  c.pretrain.objective = "slam"
   c.pretrain.epochs = 1 if quick else 40
   c.pretrain.batch_size = 16 if quick else 128
   c.pretrain.lr = 0.05

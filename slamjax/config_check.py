@@ -30,7 +30,7 @@ SCHEMA = {
     "pretrain": {"surgery", "surgery_kwargs", "surgery_granularity", "epochs", "batch_size", "lr",
                  "momentum", "weight_decay", "warmup_epochs", "temperature",
                  "base_temperature", "checkpoint_every_steps", "log_every_steps",
-                 "task_weights"},
+                 "task_weights", "objective"},
     "embed": {"batch_size", "output"},
     "mil": None,  # head-specific keys; validated by the head registry
     "eval": {"top_k", "num_plot_bags", "linear_probe", "export_features"},

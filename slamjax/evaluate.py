@@ -151,3 +151,27 @@ def head_results(bagset, out: dict, k: int, tasks=None, seconds: float | None = 
       row.update(task_labels=yi.astype(int).tolist(), task_probs=pi.tolist())
   return res
 
+
+def embedding_spread(embeddings: np.ndarray) -> dict:
+  """How collapsed a set of embeddings is (0 spread = all identical).
+
+  ``spread``: sqrt(D) x mean per-dimension std of the L2-normalised
+  embeddings (1 for isotropic directions); ``mean_cosine``: mean cosine
+  similarity of distinct pairs; ``effective_rank``: exp of the entropy of the
+  normalised singular values of the centred embeddings.
+
+  Example:
+    >>> r = embedding_spread(np.ones((5, 3)))
+    >>> round(r["spread"], 6), round(r["mean_cosine"], 6)
+    (0.0, 1.0)
+  """
+  z = np.asarray(embeddings, np.float64)
+  z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  n, d = z.shape
+  m = z.sum(0)
+  mean_cos = (m @ m - n) / max(n * (n - 1), 1)
+  s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+  p = s / s.sum() if s.sum() > 1e-12 else np.ones(1)
+  p = p[p > 0]
+  return {"spread": float(np.sqrt(d) * z.std(0).mean()), "mean_cosine": float(mean_cos),
+          "effective_rank": float(np.exp(-(p * np.log(p)).sum()))}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def _normalize(z: jax.Array) -> jax.Array:
@@ -54,3 +55,17 @@ def similarity_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.07,
   off_diag = 1.0 - jnp.eye(m, dtype=logits.dtype)
   mean_pos = jnp.sum(logits * off_diag, axis=1) / jnp.maximum(m - 1, 1)
   return -(temperature / base_temperature) * jnp.mean(mean_pos)
+
+
+def bag_label_bce(logits: jax.Array, label: float) -> jax.Array:
+  """Mean sigmoid BCE of per-cell logits ``[B, 1]`` against one bag label.
+
+  The weakly supervised (single-instance) baseline: every cell inherits the
+  label of its bag.
+
+  Example:
+    >>> round(float(bag_label_bce(jnp.zeros((3, 1)), 1.0)), 4)  # log 2
+    0.6931
+  """
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(
+      logits[:, 0].astype(jnp.float32), jnp.full(logits.shape[:1], label)))

@@ -33,7 +33,11 @@ def main(argv):
   from slamjax import train
   print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
         f"{jax.default_backend()} device(s)", flush=True)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if "study" in FLAGS.config:  # many pipeline runs (configs/witness_study.py)
+    from slamjax import study
+    study.run_study(FLAGS.config, FLAGS.workdir)
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

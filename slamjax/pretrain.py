@@ -47,6 +47,9 @@ from slamjax.data import batching
 from slamjax.models import resnet
 
 TASKS = ("simclr", "similarity")
+# With the "bag_label" objective the two task slots hold the BCE of the
+# positive-bag and of the negative-bag cells; metric names stay the same.
+OBJECTIVES = ("slam", "bag_label")
 
 
 @flax.struct.dataclass
@@ -122,13 +125,28 @@ def init_state(cfg, model, tx, mesh, image_size: int) -> TrainState:
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
 
 
-def _views(cfg, rng, pos, neg):
+def objective(cfg) -> str:
+  """'slam' (SimCLR + similarity) or 'bag_label' (weakly supervised baseline)."""
+  name = cfg.pretrain.get("objective", "slam")
+  if name not in OBJECTIVES:
+    raise ValueError(f"config.pretrain.objective={name!r}; valid: {OBJECTIVES}")
+  if name == "bag_label" and tuple(cfg.model.proj_dims)[-1:] != (1,):
+    raise ValueError(
+        "config.pretrain.objective='bag_label' classifies cells with the "
+        "projection head, so config.model.proj_dims must end in 1, got "
+        f"{tuple(cfg.model.proj_dims)}; embed with config.embed.output='backbone'")
+  return name
+
+
+def _views(cfg, rng, pos, neg, two_views: bool = True):
   a = cfg.augment
   aug = functools.partial(
       augment.augment_batch, crop_size=a.crop_size, flip=a.flip,
       jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
       rot90_prob=a.rot90_prob, mean=a.mean, std=a.std)
   k1, k2, k3 = jax.random.split(rng, 3)
+  if not two_views:  # one augmented view per cell
+    return aug(k1, pos), aug(k3, neg)
   pos_views = jnp.concatenate([aug(k1, pos), aug(k2, pos)])
   neg_views = jnp.concatenate([
       augment.eval_view(neg, a.crop_size, a.mean, a.std), aug(k3, neg)])
@@ -155,13 +173,23 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
                                   x, train=True, mutable=["batch_stats"])
     return z, upd["batch_stats"]
 
+  bag_label = objective(cfg) == "bag_label"
+
+  def task_losses(z_pos, z_neg, n_pos, n_neg):
+    if bag_label:  # cells inherit their bag's label; tasks = the two bag kinds
+      w_pos = n_pos / (n_pos + n_neg)  # so that the plain sum is the batch BCE
+      return (w_pos * losses.bag_label_bce(z_pos, 1.0),
+              (1.0 - w_pos) * losses.bag_label_bce(z_neg, 0.0))
+    return (losses.nt_xent(z_pos[:n_pos], z_pos[n_pos:], t),
+            losses.similarity_loss(z_neg[:n_neg], z_neg[n_neg:], t, tb))
+
   def loss_fn(params_pos, params_neg, batch_stats, pos_views, neg_views):
     # Each task gets its own forward (and BN statistics), as in the reference.
     z_pos, batch_stats = forward(params_pos, batch_stats, pos_views)
     z_neg, batch_stats = forward(params_neg, batch_stats, neg_views)
-    bp, bn = pos_views.shape[0] // 2, neg_views.shape[0] // 2
-    l_simclr = losses.nt_xent(z_pos[:bp], z_pos[bp:], t)
-    l_sim = losses.similarity_loss(z_neg[:bn], z_neg[bn:], t, tb)
+    views = 1 if bag_label else 2
+    l_simclr, l_sim = task_losses(z_pos, z_neg, pos_views.shape[0] // views,
+                                  neg_views.shape[0] // views)
     zn = z_pos / jnp.linalg.norm(z_pos, axis=-1, keepdims=True)
     aux = dict(loss_simclr=l_simclr, loss_sim=l_sim,
                embed_std=jnp.mean(jnp.std(zn, axis=0)) * jnp.sqrt(zn.shape[-1]),
@@ -171,7 +199,8 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    pos_views, neg_views = _views(cfg, rng, batch["pos"], batch["neg"])
+    pos_views, neg_views = _views(cfg, rng, batch["pos"], batch["neg"],
+                                  two_views=not bag_label)
     if per_task:
       grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
           state.params, state.params, state.batch_stats, pos_views, neg_views)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from slamjax import config_check
+from slamjax import distributed
 from slamjax import embed
 from slamjax import evaluate
 from slamjax import pretrain as pretrain_lib
@@ -95,13 +96,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return features_pipeline.train_and_evaluate_features(cfg, workdir)
   config_check.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  main_process = distributed.is_main_process()  # the only one writing files
+  if main_process:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   timing = {}
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh.data)
   pool, bags = prepare_data(cfg)
-  _write_bags(workdir, pool, bags)
+  if main_process:
+    _write_bags(workdir, pool, bags)
   timing["data"] = time.perf_counter() - t0
   print(f"data: {len(pool)} cells {pool.counts()}; " + "; ".join(
       f"{s}: {b.num_bags} bags ({int(b.bag_labels.sum())} positive), "
@@ -112,8 +116,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if cfg.pretrain.epochs > 0:
     state = pretrain_lib.pretrain(cfg, pool, bags, workdir, mesh)
     model = pretrain_lib.build_model(cfg)
-    history = [json.loads(l) for l in open(os.path.join(workdir, "pretrain_metrics.jsonl"))]
-    report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
+    if main_process:
+      history = [json.loads(l) for l in open(os.path.join(workdir, "pretrain_metrics.jsonl"))]
+      report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
   else:  # the "no pretraining" baseline: a randomly initialised encoder
     model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
     state = pretrain_lib.init_state(cfg, model, tx, mesh, pool.images.shape[1])
@@ -124,11 +129,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   timing["embed"] = time.perf_counter() - t0
   print(f"embed: {sum(len(e) for es in emb.values() for e in es)} cells -> "
         f"dim {emb['train'][0].shape[1]} in {timing['embed']:.1f}s", flush=True)
+  if not main_process:  # the MIL head, evaluation and reports: process 0 only
+    return {}
 
   if cfg.eval.get("export_features", False):  # raw embeddings, HDF5 per bag
     from slamjax.features import export as features_export
     features_export.export_embeddings(workdir, pool, bags, emb)
 
+  test_flat = np.concatenate(emb["test"])
+  spread = evaluate.embedding_spread(test_flat[:: max(1, len(test_flat) // 4096)])
   # Standardise with training-bag statistics: projection outputs have an
   # arbitrary scale, which otherwise saturates the head at initialisation.
   flat = np.concatenate(emb["train"])
@@ -151,6 +160,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       "heads": {r.name: evaluate.head_results(test, r.outputs["test"], cfg.eval.top_k,
                                               tasks, r.seconds) for r in runs},
   }
+  results["embedding"] = spread  # collapse measure, test cells before scaling
   if tasks:
     results["tasks"] = list(tasks[0])
   pos = np.flatnonzero(test.bag_labels == 1)

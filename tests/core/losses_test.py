@@ -60,3 +60,11 @@ def test_similarity_zero_when_collapsed_and_nt_xent_prefers_aligned_views():
   rng = np.random.default_rng(0)
   a = rng.normal(size=(8, 16))
   assert losses.nt_xent(a, a) < losses.nt_xent(a, rng.normal(size=(8, 16)))
+
+
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_bag_label_bce_matches_numpy(label):
+  logits = np.array([[-3.0], [0.0], [0.5], [4.0]], np.float32)
+  p = 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))
+  want = -np.mean(label * np.log(p) + (1 - label) * np.log(1 - p))
+  np.testing.assert_allclose(losses.bag_label_bce(logits, label), want, rtol=1e-5)
