@@ -21,6 +21,8 @@ Choices, sized for ~6 h on this 2-core CPU (84 runs, ~4 min each):
   (``reuse_cells``), never across splits.
 - 48 px images (42 px crops) and a width-16 ResNet-18: at 64 px a run would
   cost ~1.8x more. 6 pretraining epochs (~230 steps of 128 cells).
+- MIL dropout 0.5: with 24 training bags the heads otherwise fit noise
+  (on simulated embeddings, test F1 0.69 -> 0.84 with dropout 0.5).
 - Everything else as the reference: temperatures 0.07, equal task weights,
   projection-head embeddings, SGD momentum 0.9, weight decay 1e-4.
 """
@@ -55,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.log_every_steps = 1 if quick else 5
   c.pretrain.checkpoint_every_steps = 2 if quick else 50
   c.mil.heads = ("abmil", "pamil")
+  c.mil.dropout = 0.5  # 24 training bags: without it ABMIL memorises them
   c.mil.epochs = 2 if quick else 40
   c.eval.top_k = 2 if quick else 20  # 10% of a bag
   c.eval.num_plot_bags = 0 if quick else 2
