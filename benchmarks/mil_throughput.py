@@ -8,11 +8,14 @@ shuffled order:
 
 * PyTorch, as the references do: one bag per optimizer step
   (``for bag in loader: forward; loss.backward(); optimizer.step()``).
-* slamjax: ``slamjax.mil.train.run_epoch``, the loop of ``fit``: bags padded
-  into length buckets (``padding.iterate_batches``: 4 sizes per power of
-  two, the default ``mil.buckets_per_octave``; filler bags weight 0) and
-  one jitted step per batch of ``--batch_size`` bags, compiled per bucket
-  before timing. With
+* slamjax: ``slamjax.mil.train.run_epoch``, the loop of ``fit``, with
+  batches of ``--batch_size`` bags (filler bags weight 0). As in ``fit``,
+  bags of similar lengths are padded once and kept on the device, and an
+  epoch is one jitted ``lax.scan`` over its batches (``slamjax_b*``;
+  :mod:`slamjax.mil.resident`); ``slamjax_b*_per_step`` is the other path of
+  ``fit``, taken for bags of very different lengths: every batch padded on
+  the host into its length bucket (4 sizes per power of two) and one jitted
+  step per batch. Compilation happens before timing. With
   ``--batch_size=1`` the optimisation is the reference's; larger batches
   average the gradient over bags (``docs/mil-heads.md`` section 0).
 
@@ -26,6 +29,7 @@ device sync of an epoch, not compilation.
 
   python benchmarks/mil_throughput.py                       # 512 bags of 40-60 cells, D=512
   python benchmarks/mil_throughput.py --batch_size=1,8,32   # several slamjax batch sizes
+  python benchmarks/mil_throughput.py --xla_threads=1       # XLA on one thread (busy machines)
 
 torch is a benchmark-only dependency (``pip install torch==2.13.0``).
 """
@@ -37,6 +41,11 @@ import json
 import os
 import sys
 import time
+
+if __name__ == "__main__" and "--xla_threads=1" in sys.argv:
+  # XLA reads its thread settings when JAX starts: this cannot wait for argparse.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                             "=false intra_op_parallelism_threads=1").strip()
 
 import jax
 import ml_collections
@@ -124,14 +133,16 @@ def torch_epoch_fn(dim, hidden, att, lr, wd):
 
 
 # ---------------------------------------------------------------- slamjax side
-def jax_epoch_fn(dim, hidden, att, lr, wd, batch_size, bags):
+def jax_epoch_fn(dim, hidden, att, lr, wd, batch_size, bags, labels, resident=True):
   cfg = options.resolve(ml_collections.ConfigDict(dict(
       head="abmil", hidden_dim=hidden, attention_dim=att, lr=lr, weight_decay=wd,
       batch_size=batch_size, epochs=1, stability_bags=0)))
   spec = heads.get_spec(cfg)
   model = spec.build(cfg, 1, None)
   params = mil_train._init_params(cfg, model, bags, 0)
-  tx, train_step, _ = mil_train._steps(cfg, spec, model, np.ones(1, bool), 1, None)
+  tx, train_step, _, train_epoch = mil_train._steps(cfg, spec, model, np.ones(1, bool), 1,
+                                                    None)
+  data = mil_train.resident_bags(cfg, bags, labels[:, None]) if resident else None
   state = mil_train.MilState(epoch=jax.numpy.zeros((), jax.numpy.int32), params=params,
                              opt_state=jax.jit(tx.init)(params),
                              step=jax.numpy.zeros((), jax.numpy.int32))
@@ -139,14 +150,17 @@ def jax_epoch_fn(dim, hidden, att, lr, wd, batch_size, bags):
   key = jax.random.PRNGKey(7)
 
   def epoch(bags, labels, order):
-    state, logs = mil_train.run_epoch(cfg, train_step, box["state"], bags, labels[:, None],
-                                      order, key, 0)
+    state, logs = mil_train.run_epoch(cfg, (train_step, train_epoch), box["state"], bags,
+                                      labels[:, None], order, key, 0, data=data)
     jax.block_until_ready(state)
     box["state"] = state
-    return float(np.mean([m["loss"] for m in logs]))
+    return float(np.mean(logs["loss"]))
 
   def warm(bags, labels):
-    """Compiles the step for every bucket a batch can fall into."""
+    """Compiles the epoch scan, or the step for every bucket a batch can fall into."""
+    if data is not None:
+      epoch(bags, labels, np.arange(len(bags)))
+      return
     by_bucket = {}
     for i, b in enumerate(bags):
       by_bucket.setdefault(padding.bucket_length(len(b), cfg.min_len,
@@ -171,6 +185,8 @@ def main():
   ap.add_argument("--torch_threads", default="",
                   help="comma list of torch thread counts; default: 1 and torch's default")
   ap.add_argument("--json", default="", help="also write the results here")
+  ap.add_argument("--xla_threads", default="auto", choices=["auto", "1"],
+                  help="1: XLA on one thread (give it as --xla_threads=1); auto: XLA's default")
   args = ap.parse_args()
   lr, wd = 5e-4, 1e-4
   bags, labels = make_bags(args.bags, args.min_size, args.max_size, args.dim)
@@ -178,7 +194,12 @@ def main():
   threads = ([int(t) for t in args.torch_threads.split(",")] if args.torch_threads
              else sorted({1, t_default}))
   sizes = [int(b) for b in args.batch_size.split(",")]
-  j_epochs = {b: jax_epoch_fn(args.dim, args.hidden, args.att, lr, wd, b, bags) for b in sizes}
+  j_epochs = {}
+  for b in sizes:
+    j_epochs[f"slamjax_b{b}"] = jax_epoch_fn(args.dim, args.hidden, args.att, lr, wd, b, bags,
+                                             labels)
+    j_epochs[f"slamjax_b{b}_per_step"] = jax_epoch_fn(args.dim, args.hidden, args.att, lr, wd,
+                                                      b, bags, labels, resident=False)
   rng = np.random.default_rng(0)
   # warm-up: compiles every bucket, first torch allocations
   warm = rng.permutation(len(bags))
@@ -189,17 +210,17 @@ def main():
   for fn in j_epochs.values():
     fn.warm(bags, labels)
     fn(bags, labels, warm)
-  best = {**{k: 0.0 for k in t_variants}, **{f"slamjax_b{b}": 0.0 for b in sizes}}
+  best = {**{k: 0.0 for k in t_variants}, **{k: 0.0 for k in j_epochs}}
   for r in range(args.rounds):
     order = np.random.default_rng([1, r]).permutation(len(bags))
     for name, (fn, t) in t_variants.items():
       t0 = time.perf_counter()
       fn(bags, labels, order, t)
       best[name] = max(best[name], len(bags) / (time.perf_counter() - t0))
-    for b, fn in j_epochs.items():
+    for name, fn in j_epochs.items():
       t0 = time.perf_counter()
       fn(bags, labels, order)
-      best[f"slamjax_b{b}"] = max(best[f"slamjax_b{b}"], len(bags) / (time.perf_counter() - t0))
+      best[name] = max(best[name], len(bags) / (time.perf_counter() - t0))
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.0f} bags/s"
                                                     for k, v in best.items()), flush=True)
   torch_best = max(v for k, v in best.items() if k.startswith("torch_") and "loader" not in k)
@@ -207,7 +228,8 @@ def main():
   res = {"bags": args.bags, "cells_per_bag": [args.min_size, args.max_size], "dim": args.dim,
          "hidden": args.hidden, "attention": args.att, "torch": t_desc,
          "jax": f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-                f"{os.cpu_count()} CPUs", "bags_per_s": {k: round(v, 1) for k, v in best.items()},
+                f"{os.cpu_count()} CPUs, xla_threads={args.xla_threads}",
+         "load_average": [round(v, 2) for v in os.getloadavg()], "bags_per_s": {k: round(v, 1) for k, v in best.items()},
          "ratio_vs_best_torch_loop": {k: round(v / torch_best, 2) for k, v in best.items()
                                       if k.startswith("slamjax")},
          "ratio_vs_torch_dataloader_loop": {k: round(v / loader, 2) for k, v in best.items()

@@ -50,6 +50,7 @@ from slamjax.mil import heads
 from slamjax.mil import mecds
 from slamjax.mil import options
 from slamjax.mil import padding
+from slamjax.mil import resident
 
 
 @flax.struct.dataclass
@@ -135,12 +136,14 @@ def make_loss_fn(cfg, spec, model, task_mask, total_steps: int, with_outputs: bo
 
 
 def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
-  """(train_step, apply_fn), both jitted.
+  """(train_step, apply_fn, train_epoch), all jitted.
 
   ``train_step(state, batch, rng, teacher_params=None, kd_scale=1.0) ->
   (state, metrics)``; the ASMIL anchor is EMA-updated after the optimizer
   step when configured. ``kd_scale`` multiplies the teacher distillation term
   (MECDS: 0 in the teacher phase, so both phases share one compilation).
+  ``train_epoch`` scans the same step over an epoch of device-resident bags
+  (:func:`slamjax.mil.resident.make_epoch_fn`).
   """
   cfg = options.resolve(cfg)
   spec = spec or heads.get_spec(cfg)
@@ -149,7 +152,6 @@ def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
   loss_fn = make_loss_fn(cfg, spec, model, task_mask, total_steps)
   ema = spec.anchor and cfg.asmil.anchor == "ema"
 
-  @jax.jit
   def train_step(state, batch, rng, teacher_params=None, kd_scale=1.0):
     ctx = {"anchor_params": state.anchor, "teacher_params": teacher_params,
            "kd_scale": kd_scale}
@@ -161,19 +163,34 @@ def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                          anchor=anchor), metrics
 
-  return train_step, _apply_fn(model)
+  return jax.jit(train_step), _apply_fn(model), resident.make_epoch_fn(train_step)
 
 
-def run_epoch(cfg, train_step, state, bags, labels2, order, base_key, epoch: int,
-              teacher_params=None, kd_scale=1.0):
-  """One epoch of ``fit``: batches of ``cfg.batch_size`` bags in ``order``,
-  padded into length buckets, one jitted step each; the rng of step i is
-  ``fold_in(base_key, epoch * 100003 + i)``. Returns ``(state, metrics)``,
-  one dict per step, on the host.
+def resident_bags(cfg, bags, labels2):
+  """``fit``'s training bags padded once on the device, or None when their
+  lengths differ too much (or they are too big): then every step pads its
+  own batch (:mod:`slamjax.mil.resident`)."""
+  length = resident.resident_length(bags, cfg.min_len, cfg.buckets_per_octave)
+  return None if length is None else resident.make_resident(bags, labels2, length)
 
-  (A ``lax.scan`` over several steps per call was slower on CPU: 1.8k vs
-  3.1k bags/s for ABMIL at D=512, B=8.)
+
+def run_epoch(cfg, steps, state, bags, labels2, order, base_key, epoch: int,
+              teacher_params=None, kd_scale=1.0, data=None):
+  """One epoch of ``fit``: batches of ``cfg.batch_size`` bags in ``order``;
+  the rng of step i is ``fold_in(base_key, epoch * 100003 + i)``.
+
+  ``steps`` is ``(train_step, train_epoch)`` of :func:`make_steps`. With
+  ``data`` (:func:`resident_bags`) the epoch is one ``train_epoch`` call on
+  device-resident bags; without, every batch is padded into its length
+  bucket on the host and takes one ``train_step`` call. Returns ``(state,
+  metrics)``: per metric, its value at every step, on the host.
   """
+  train_step, train_epoch = steps
+  if data is not None:
+    idx = resident.batch_indices(order, cfg.batch_size, len(bags))
+    state, metrics = train_epoch(state, data, idx, base_key, epoch, teacher_params,
+                                 kd_scale)
+    return state, jax.device_get(metrics)
   logs = []
   for i, (_, batch) in enumerate(padding.iterate_batches(
       bags, labels2, cfg.batch_size, order, min_len=cfg.min_len,
@@ -181,7 +198,8 @@ def run_epoch(cfg, train_step, state, bags, labels2, order, base_key, epoch: int
     rng = jax.random.fold_in(base_key, epoch * 100_003 + i)
     state, m = train_step(state, batch, rng, teacher_params, kd_scale)
     logs.append(m)
-  return state, jax.device_get(logs)
+  logs = jax.device_get(logs)
+  return state, {k: np.array([m[k] for m in logs]) for k in logs[0]}
 
 
 # Compiled functions are cached per (module, config, ...) so that phases,
@@ -206,7 +224,7 @@ def _init_fn(model):
 
 
 def _steps(cfg, spec, model, task_mask, total_steps, param_labels):
-  """(tx, train_step, apply_fn) for a phase, cached."""
+  """(tx, train_step, apply_fn, train_epoch) for a phase, cached."""
   labels_key = None
   if param_labels is not None:
     leaves, treedef = jax.tree.flatten(param_labels)
@@ -285,7 +303,8 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
   labels_tree = heads.path_labels(params, frozen) if frozen is not None else None
   if task_mask is None:
     task_mask = np.ones((num_tasks,), bool)
-  tx, train_step, apply_fn = _steps(cfg, spec, model, task_mask, total_steps, labels_tree)
+  tx, train_step, apply_fn, train_epoch = _steps(cfg, spec, model, task_mask, total_steps,
+                                                 labels_tree)
   anchor = None
   if spec.anchor:
     # EMA: starts as the online parameters (arrays are immutable: no copy).
@@ -323,12 +342,13 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
   if "teacher" in spec.phases and teacher_params is None:
     # Teacher phase: a stand-in teacher with weight 0 keeps one compilation.
     teacher_params, kd_scale = state.params, jnp.float32(0.0)
+  data = resident_bags(cfg, bags, labels2)
   for epoch in range(start, epochs):
     order = _epoch_order(len(bags), seed, epoch, weights)
-    state, logs = run_epoch(cfg, train_step, state, bags, labels2, order, base_key, epoch,
-                            teacher_params, kd_scale)
+    state, logs = run_epoch(cfg, (train_step, train_epoch), state, bags, labels2, order,
+                            base_key, epoch, teacher_params, kd_scale, data)
     state = state.replace(epoch=state.epoch + 1)
-    record = {k: float(np.mean([l[k] for l in logs])) for k in logs[0]}
+    record = {k: float(np.mean(v)) for k, v in logs.items()}
     cur = _attention(cfg, apply_fn, state.params, probe)
     record["attention_jsd"] = diagnostics.attention_jsd(prev, cur)
     prev = cur
