@@ -1,6 +1,7 @@
 """Attention-MIL heads on frozen cell embeddings, with padded-bag batching.
 
-Heads (``config.mil.head``; registry in :mod:`slamjax.mil.heads`):
+Heads (``config.mil.heads`` lists those a run trains, each in its own
+folder: :mod:`slamjax.mil.multihead`; registry in :mod:`slamjax.mil.heads`):
 
 * ``abmil``: gated-attention ABMIL (:mod:`slamjax.mil.abmil`);
 * ``aem``: ABMIL + the attention-entropy regulariser (:mod:`slamjax.mil.aem`,
@@ -14,7 +15,8 @@ Heads (``config.mil.head``; registry in :mod:`slamjax.mil.heads`):
   (:mod:`slamjax.mil.mecds`).
 
 Training and inference: :mod:`slamjax.mil.train` (``fit``, ``predict``,
-``extend``); masked primitives: :mod:`slamjax.mil.masked`; padding buckets:
+``extend``; epochs on device-resident bags: :mod:`slamjax.mil.resident`);
+masked primitives: :mod:`slamjax.mil.masked`; padding buckets:
 :mod:`slamjax.mil.padding`; config defaults: :mod:`slamjax.mil.options`;
 multi-task labels: :mod:`slamjax.mil.labels`; retrieval, multi-task metrics
 and attention stability: :mod:`slamjax.mil.diagnostics`. Equations and the

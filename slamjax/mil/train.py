@@ -1,7 +1,8 @@
 """Training and inference of any MIL head on padded batches of embedded bags.
 
 ``fit`` trains the head named ``cfg.head`` (resuming from Orbax checkpoints
-under ``workdir``); ``predict`` gives bag probabilities and the attention used
+under ``workdir``; bags of similar lengths are padded once and every epoch is
+one jitted scan, :mod:`slamjax.mil.resident`); ``predict`` gives bag probabilities and the attention used
 to rank cells; ``extend`` adds tasks to a trained MECDS head. Every loss is
 per bag: the supervised sigmoid BCE summed over the bag's known tasks (NaN
 labels are missing and masked out), the head's own terms (PAMIL ER and
