@@ -1,4 +1,5 @@
-"""MIL heads selectable by name from ``config.mil.head``.
+"""MIL heads selectable by name (``cfg.head`` of one head's config; a run
+lists its heads in ``config.mil.heads``, see :mod:`slamjax.mil.multihead`).
 
 Every head is a Flax module ``head(x [B, N, D], mask [B, N], train)`` that
 returns a dict with at least
