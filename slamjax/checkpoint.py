@@ -30,6 +30,10 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2,
                save_interval_steps: int = 1, process_local: bool = False):
     self.directory = os.path.abspath(directory)
+    # Orbax refuses process-local jax.Arrays in a multi-process run: such
+    # state goes through host (numpy) copies instead (in every run, so that
+    # single-process tests cover this path).
+    self._host_copies = process_local
     multiprocessing, create = ocp.options.MultiprocessingOptions(), True
     if process_local and jax.process_count() > 1:
       me = jax.process_index()
@@ -49,11 +53,19 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, force: bool = False) -> None:
+    if self._host_copies:
+      state = jax.device_get(state)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def restore(self, like, step: int | None = None):
     """Restores into the structure, shapes and shardings of ``like``."""
     step = self.latest_step() if step is None else step
+    if self._host_copies:
+      restored = self.manager.restore(
+          step, args=ocp.args.StandardRestore(jax.device_get(like)))
+      return jax.tree.map(
+          lambda r, l: jax.device_put(r, l.sharding) if isinstance(l, jax.Array) else r,
+          restored, like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -20,7 +20,10 @@ def env(**extra) -> dict:
   """This environment without SLAMJAX_*/device settings, CPU, fast compiles."""
   out = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLAMJAX_", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES"))}
+  # Compiling the train step dominates these tests; without XLA:CPU's fusion
+  # emitters it takes about a third less CPU time (same numbers either way).
   out.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             XLA_FLAGS="--xla_cpu_use_fusion_emitters=false",
              PYTHONPATH=ROOT + os.pathsep + out.get("PYTHONPATH", ""), **extra)
   return out
 

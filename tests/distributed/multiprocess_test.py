@@ -1,73 +1,115 @@
-"""Two processes on localhost (gloo CPU collectives) train like one process.
+"""``python -m slamjax.main`` as 2 processes equals the same run as 1 process.
 
-Launches ``jax.distributed`` workers through ``slamjax.distributed`` (one CPU
-device each), runs 3 SLAM-AGS steps of ``slamjax.pretrain.make_train_step``
-on the same global batches as a single process with two CPU devices, and
-checks that the parameters and BatchNorm statistics agree.
-
-Run as a script it is the worker: ``multiprocess_test.py OUT [PROCESS_ID]``.
+Runs a shortened ``configs/default.py:quick`` pipeline (4 SLAM-AGS steps,
+embeddings, ABMIL, report) once as one process with two CPU devices and once
+as two ``jax.distributed`` processes on localhost (gloo CPU collectives) with
+one device each: the same mesh size, so the same global batches. Checks that
+the pretrained parameters and BatchNorm statistics, the logged metrics, every
+cell's embedding and all results agree, and that only process 0 printed
+progress and wrote the logs and reports.
 """
 
+import json
 import os
-import sys
 
 import numpy as np
+import pytest
 
 from tests.distributed import launch
 
-STEPS = 3
+h5py = pytest.importorskip("h5py")
+
+OVERRIDES = ["--config.pretrain.epochs=1", "--config.pretrain.log_every_steps=1",
+             "--config.mil.epochs=2", "--config.eval.num_plot_bags=0",
+             "--config.eval.export_features=True"]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  port = launch.free_port()
-  script = os.path.abspath(__file__)
-  procs = [launch.start([script, str(tmp_path / "single.npz")], JAX_NUM_CPU_DEVICES="2")]
-  procs += [launch.start([script, str(tmp_path / f"multi{pid}.npz")],
-                         **launch.process_env(port, pid)) for pid in range(2)]
-  logs = launch.communicate(procs)
-  assert "processes=2 devices=2" in logs[1], logs[1][-2000:]
-  single = np.load(tmp_path / "single.npz")
-  for pid in range(2):
-    multi = np.load(tmp_path / f"multi{pid}.npz")
-    assert sorted(multi.files) == sorted(single.files)
-    for k in single.files:
-      scale = max(float(np.abs(single[k]).max()), 1e-3)
-      np.testing.assert_allclose(multi[k], single[k], atol=2e-5 * scale, rtol=1e-4,
-                                 err_msg=k)
-  # Training moved the parameters (the comparison is not of initial values).
-  assert float(single["loss_0"]) != float(single[f"loss_{STEPS - 1}"])
+def _main(workdir, **env):
+  return launch.start(["-m", "slamjax.main", "--config", "configs/default.py:quick",
+                       "--workdir", str(workdir), *OVERRIDES], **env)
 
 
-def _worker(out_path: str) -> None:
-  from slamjax import distributed
-  distributed.initialize()  # reads SLAMJAX_*; a no-op for the single run
-  import flax
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _pretrained(workdir) -> dict:
+  """{path: array} of the last pretraining checkpoint (params, BN statistics)."""
   import jax
-  from configs import default
-  from slamjax import pretrain, sharding
+  import orbax.checkpoint as ocp
+  folder = workdir / "pretrain_ckpt"
+  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  path = folder / str(step) / "default"
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path).item_metadata.tree
+  tree = ckptr.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+      {"params": tree["params"], "batch_stats": tree["batch_stats"]})[0]}
 
-  cfg = default.get_config("quick")
-  mesh = sharding.make_mesh(-1)
-  print(f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
-  model, tx, _ = pretrain.build(cfg, steps_per_epoch=10)
-  size = cfg.data.image_size
-  state = pretrain.init_state(cfg, model, tx, mesh, image_size=size)
-  step = pretrain.make_train_step(cfg, model, tx, mesh)
-  rng = np.random.RandomState(0)
-  half = cfg.pretrain.batch_size // 2
+
+def _features(workdir):
   out = {}
-  for i in range(STEPS):  # every process builds the same global batch
-    imgs = rng.randint(0, 256, (2 * half, size, size, 3)).astype(np.uint8)
-    batch = sharding.shard_batch(mesh, {"pos": imgs[:half], "neg": imgs[half:]})
-    state, metrics = step(state, batch)
-    out[f"loss_{i}"] = distributed.fetch_replicated(metrics["loss"])
-  host = distributed.fetch_replicated({"params": state.params,
-                                       "batch_stats": state.batch_stats})
-  for k, v in flax.traverse_util.flatten_dict(host, sep="/").items():
-    out[k] = v
-  np.savez(out_path, **out)
-  distributed.shutdown()
+  folder = os.path.join(workdir, "features")
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".h5"):
+      with h5py.File(os.path.join(folder, name)) as f:
+        out[name] = f["features"][()]
+  return out
 
 
-if __name__ == "__main__":
-  _worker(sys.argv[1])
+def test_main_on_two_processes_matches_one_process(tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  port = launch.free_port()
+  procs = [_main(single, JAX_NUM_CPU_DEVICES="2")]
+  procs += [_main(multi, **launch.process_env(port, pid)) for pid in range(2)]
+  logs = launch.communicate(procs)
+  assert "2 process(es), 2 cpu device(s)" in logs[1], logs[1][-3000:]
+  # Progress lines and the results table come from process 0 only.
+  assert "pretrain " in logs[1] and "pretrain " not in logs[2].replace("pretrain:", "")
+  assert "# slamjax results" in logs[1] and "# slamjax results" not in logs[2]
+
+  params_one, params_two = _pretrained(single), _pretrained(multi)
+  assert params_two.keys() == params_one.keys() and params_one
+  for k, v in params_one.items():
+    scale = max(float(np.abs(v).max()), 1e-3)
+    np.testing.assert_allclose(params_two[k], v, atol=2e-5 * scale, rtol=1e-4, err_msg=k)
+
+  one, two = _jsonl(single / "pretrain_metrics.jsonl"), _jsonl(multi / "pretrain_metrics.jsonl")
+  assert [r["step"] for r in two] == [r["step"] for r in one]  # each line once
+  for a, b in zip(one, two):
+    for k in ("loss_simclr", "loss_sim", "grad_cos", "param_norm"):
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  logs_one = sorted(p.relative_to(single) for p in single.rglob("*.jsonl"))
+  assert sorted(p.relative_to(multi) for p in multi.rglob("*.jsonl")) == logs_one
+  for rel in logs_one:  # MIL logs: written once, by process 0
+    assert len(_jsonl(multi / rel)) == len(_jsonl(single / rel)), rel
+
+  emb_one, emb_two = _features(single), _features(multi)
+  assert sorted(emb_two) == sorted(emb_one) and emb_one
+  for name, e in emb_one.items():  # every cell, in bag order
+    np.testing.assert_allclose(emb_two[name], e, rtol=1e-3, atol=1e-4, err_msg=name)
+
+  # Every number of the results (bag metrics, per-bag probabilities,
+  # retrieval) except wall times.
+  res_one, res_two = (_numbers(json.load(open(d / "metrics.json"))) for d in (single, multi))
+  assert res_two.keys() == res_one.keys() and res_one
+  for k, v in res_one.items():
+    np.testing.assert_allclose(res_two[k], v, atol=2e-3, err_msg=k)
+
+
+def _numbers(tree, prefix=""):
+  """{path: number} of a JSON tree, leaving out timings."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, list):
+    items = enumerate(tree)
+  else:
+    ok = isinstance(tree, (int, float)) and not isinstance(tree, bool)
+    return {prefix: tree} if ok else {}
+  out = {}
+  for k, v in items:
+    if "timing" not in str(k) and "seconds" not in str(k):
+      out.update(_numbers(v, f"{prefix}/{k}"))
+  return out
