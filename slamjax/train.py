@@ -92,6 +92,8 @@ def linear_probe(train_x, train_y, test_x, test_y) -> dict:
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Runs or resumes the pipeline; writes results under ``workdir``."""
   if cfg.data.source == "features":  # a folder of feature files: MIL head only
+    if not distributed.is_main_process():
+      return {}  # single-host work, done by process 0
     from slamjax.features import pipeline as features_pipeline
     return features_pipeline.train_and_evaluate_features(cfg, workdir)
   config_check.validate(cfg)
