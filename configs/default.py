@@ -25,8 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = "synthetic"
   c.data.image_size = 40
   c.data.stain_std = 0.06  # per-crop stain colour variation
-  c.data.num_per_class = {"normal": 300 if quick else 4000,
-                          "blast": 60 if quick else 240}
+  c.data.num_per_class = {"normal": 300 if quick else 11500,
+                          "blast": 60 if quick else 600}
 
   # Bags: cells are split train/test first, then bagged per split.
   c.bags = ml_collections.ConfigDict()
@@ -35,9 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bags.normal_proportions = None
   c.bags.witness_rate = 0.1
   c.bags.bag_size = 20 if quick else 50
-  c.bags.bags_per_split = {"train": (3, 3) if quick else (20, 20),
-                           "test": (3, 3) if quick else (20, 20)}
-  c.bags.split_fractions = None
+  # 120 training bags: with 40 the MIL head memorised them (train F1 1.0,
+  # test F1 0.55); 80 test bags make the reported F1 less noisy.
+  c.bags.bags_per_split = {"train": (3, 3) if quick else (60, 60),
+                           "test": (3, 3) if quick else (40, 40)}
+  c.bags.split_fractions = None if quick else {"train": 0.6, "test": 0.4}
   c.bags.reuse_cells = False
   # One binary label per abnormal class ("holds a cell of class c"): heads
   # train on all of them and results add per-task rows.
@@ -68,11 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.surgery_granularity = "model"  # or "leaf": one surgery per tensor
   # Loss weights of (SimCLR, similarity); (1, 0) / (0, 1) give the
   # single-task baselines.
-  c.pretrain.task_weights = (1.0, 1.0)
+  # The similarity loss has no repulsion; at weight 1 it collapses the
+  # projection within ~15 steps (NT-Xent stuck at log(2B-1) = 4.84) and
+  # surgery cannot undo it, so it is weighted 0.1 here (the reference: 1.0).
+  c.pretrain.task_weights = (1.0, 0.1)
   # "slam", or "bag_label": the weakly supervised baseline (cells inherit
   # their bag label; needs model.proj_dims ending in 1, embed.output="backbone").
   c.pretrain.objective = "slam"
-  c.pretrain.epochs = 2 if quick else 20
+  c.pretrain.epochs = 2 if quick else 15
   c.pretrain.batch_size = 32 if quick else 128
   c.pretrain.lr = 0.05
   c.pretrain.momentum = 0.9
@@ -94,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mil.heads = ("abmil",)
   c.mil.hidden_dim = 128
   c.mil.attention_dim = 64
-  c.mil.dropout = 0.0
+  c.mil.dropout = 0.5  # few training bags: without it ABMIL memorises them
   c.mil.epochs = 10 if quick else 60
   c.mil.batch_size = 4 if quick else 8
   c.mil.lr = 5e-4
