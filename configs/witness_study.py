@@ -66,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.study.witness_rates = (0.1,) if quick else (0.1, 0.05, 0.01, 0.005)
   c.study.methods = (("random_init", "slam_ags") if quick else
                      ("random_init", "simclr", "similarity", "weaksupcon", "pcgrad",
-                      "slam_ags", "bag_label"))
+                      "slam_ags", "bag_label",
+                      # ablations, added after the first 84 runs
+                      "slam_ags_lowsim", "slam_ags_backbone"))
   c.study.seeds = (0,) if quick else (0, 1, 2)
   # Relative to the current directory (run from the repository root); the
   # quick variant writes into the workdir instead (empty = workdir/results).

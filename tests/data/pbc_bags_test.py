@@ -103,7 +103,8 @@ def _keys(c, prefix=""):
   out = set()
   for k, v in c.items():
     out.add(prefix + k)
-    if hasattr(v, "items") and k not in ("bags_per_split", "num_per_class"):
+    if hasattr(v, "items") and k not in ("bags_per_split", "num_per_class",
+                                         "split_fractions"):
       out |= _keys(v, prefix + k + ".")
   return out
 

@@ -37,14 +37,17 @@ def _tiny_study(results_dir):
 def test_run_plan_applies_method_overrides():
   cfg = witness_study.get_config()
   runs = dict(study.run_configs(cfg))
-  assert len(runs) == 4 * 7 * 3
-  first = list(runs)[:7]  # seed-major: every method of seed 0 at 10% first
+  n_methods = len(cfg.study.methods)  # 7 methods of the paper + 2 ablations
+  assert n_methods == 9 and len(runs) == 4 * n_methods * 3
+  first = list(runs)[:n_methods]  # seed-major: every method of seed 0 at 10% first
   assert all(r.startswith("seed0/wr0.1/") for r in first)
   c = runs["seed2/wr0.005/bag_label"]
   assert (c.seed, c.bags.witness_rate, c.pretrain.objective) == (2, 0.005, "bag_label")
   assert tuple(c.model.proj_dims)[-1] == 1 and c.embed.output == "backbone"
   assert runs["seed0/wr0.01/random_init"].pretrain.epochs == 0
   assert runs["seed0/wr0.01/slam_ags"].pretrain.surgery == "adaptive_pcgrad"
+  assert tuple(runs["seed1/wr0.05/slam_ags_lowsim"].pretrain.task_weights) == (1.0, 0.1)
+  assert runs["seed1/wr0.05/slam_ags_backbone"].embed.output == "backbone"
   assert "study" not in c
   # 0.5% of a bag must still be at least one witness
   assert cfg.bags.bag_size * min(cfg.study.witness_rates) >= 1
