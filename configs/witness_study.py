@@ -12,7 +12,11 @@ tables and plots there are rebuilt after each run; rerunning the same command
 skips recorded runs and resumes an interrupted one, so the study (about 6
 hours on a 2-core CPU) is finished across sessions by running it again.
 Quick variant (2 methods, 1 witness rate, tiny bags, results in the workdir):
-``--config configs/witness_study.py:quick``.
+``--config configs/witness_study.py:quick``. The paper-like variant, with
+negative bags of lymphocytes only (``pbc_lymphocyte``; the 7 methods, no
+ablations; results in ``docs/results/witness_study_lymphocyte/``):
+
+  python -m slamjax.main --config configs/witness_study.py:lymphocyte --workdir /tmp/ws_lym
 
 Choices, sized for ~6 h on this 2-core CPU (84 runs, ~4 min each):
 - Bags of 200 cells, so that 0.5% means 1 witness (10% -> 20, 5% -> 10,
@@ -33,9 +37,9 @@ import os
 import ml_collections
 
 
-def _differential_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pbc_differential.py")
-  spec = importlib.util.spec_from_file_location("_slamjax_pbc_differential", path)
+def _base_config(name, arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_slamjax_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -43,9 +47,13 @@ def _differential_config(arg):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
-  if arg not in (None, "", "quick"):
-    raise ValueError(f"configs/witness_study.py takes no argument or 'quick', got {arg!r}")
-  c = _differential_config("quick" if quick else None)
+  lymphocyte = arg == "lymphocyte"
+  if arg not in (None, "", "quick", "lymphocyte"):
+    raise ValueError("configs/witness_study.py takes no argument, 'quick' or "
+                     f"'lymphocyte', got {arg!r}")
+  # The paper-like variant: negative bags of lymphocytes only.
+  base = "pbc_lymphocyte" if lymphocyte else "pbc_differential"
+  c = _base_config(base, "quick" if quick else None)
   c.data.image_size = 32 if quick else 48
   c.bags.bag_size = 20 if quick else 200
   c.bags.reuse_cells = True
@@ -66,11 +74,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.study.witness_rates = (0.1,) if quick else (0.1, 0.05, 0.01, 0.005)
   c.study.methods = (("random_init", "slam_ags") if quick else
                      ("random_init", "simclr", "similarity", "weaksupcon", "pcgrad",
-                      "slam_ags", "bag_label",
-                      # ablations, added after the first 84 runs
-                      "slam_ags_lowsim", "slam_ags_backbone"))
+                      "slam_ags", "bag_label")
+                     + (() if lymphocyte else  # ablations, added after the first 84 runs
+                        ("slam_ags_lowsim", "slam_ags_backbone")))
   c.study.seeds = (0,) if quick else (0, 1, 2)
   # Relative to the current directory (run from the repository root); the
   # quick variant writes into the workdir instead (empty = workdir/results).
-  c.study.results_dir = "" if quick else "docs/results/witness_study"
+  c.study.results_dir = ("" if quick else "docs/results/witness_study_lymphocyte"
+                         if lymphocyte else "docs/results/witness_study")
   return c

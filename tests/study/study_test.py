@@ -49,6 +49,11 @@ def test_run_plan_applies_method_overrides():
   assert tuple(runs["seed1/wr0.05/slam_ags_lowsim"].pretrain.task_weights) == (1.0, 0.1)
   assert runs["seed1/wr0.05/slam_ags_backbone"].embed.output == "backbone"
   assert "study" not in c
+  lym = witness_study.get_config("lymphocyte")
+  lym_runs = dict(study.run_configs(lym))
+  assert len(lym_runs) == 4 * 7 * 3
+  assert lym_runs["seed0/wr0.01/slam_ags"].bags.normal_classes == ("lymphocyte",)
+  assert lym.study.results_dir != cfg.study.results_dir
   # 0.5% of a bag must still be at least one witness
   assert cfg.bags.bag_size * min(cfg.study.witness_rates) >= 1
 
