@@ -162,8 +162,9 @@ def _plot_losses(path, recs, cfg=None) -> None:
         if r["method"] == m and r["witness_rate"] == rate:
           h = r["pretrain_history"]
           steps = [x["step"] for x in h]
-          axes[0][j].plot(steps, [x["loss_simclr"] for x in h], label=m)
-          axes[1][j].plot(steps, [x["loss_sim"] for x in h], label=m)
+          color = f"C{methods.index(m) % 10}"
+          axes[0][j].plot(steps, [x["loss_simclr"] for x in h], label=m, color=color)
+          axes[1][j].plot(steps, [x["loss_sim"] for x in h], label=m, color=color)
     axes[0][j].set_title(f"WR {rate:.1%}: NT-Xent (positive bags)")
     axes[1][j].set_title(f"WR {rate:.1%}: similarity (negative bags)")
     axes[1][j].set_xlabel("step")
@@ -179,18 +180,29 @@ def _plot_losses(path, recs, cfg=None) -> None:
 def _plot_conflict(path, recs, cfg=None) -> None:
   methods, rates, _ = _axes(recs, cfg)
   sel = _seed0(recs)
-  fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 3.6), squeeze=False)
+  fig, axes = plt.subplots(2, len(rates), figsize=(4.5 * len(rates), 6.5), squeeze=False)
   for j, rate in enumerate(rates):
-    ax = axes[0][j]
     for m in methods:
       for r in sel:
         if r["method"] == m and r["witness_rate"] == rate:
           h = [x for x in r["pretrain_history"] if "grad_cos" in x]
-          ax.plot([x["step"] for x in h], [x["grad_cos"] for x in h], label=m, lw=1)
-    ax.axhline(0, color="k", lw=0.7)
-    ax.set_title(f"WR {rate:.1%}: cos(g_SimCLR, g_sim)")
-    ax.set_xlabel("step")
+          cos = np.asarray([x["grad_cos"] for x in h], float)
+          if not cos.size or not np.any(cos):  # single-task runs log 0
+            continue
+          steps = [x["step"] for x in h]
+          color = f"C{methods.index(m) % 10}"  # same colour in every panel
+          axes[0][j].plot(steps, cos, label=m, lw=1, color=color)
+          running = np.cumsum(cos < 0) / np.arange(1, cos.size + 1)
+          axes[1][j].plot(steps, running, label=m, lw=1, color=color)
+    axes[0][j].axhline(0, color="k", lw=0.7)
+    axes[0][j].set_title(f"WR {rate:.1%}: cos(g_SimCLR, g_sim)")
+    axes[1][j].set_title(f"WR {rate:.1%}: conflict rate so far (cos < 0)")
+    axes[1][j].set_ylim(-0.05, 1.05)
+    axes[1][j].set_xlabel("step")
   _legend(axes[0][-1], fontsize=7)
+  fig.suptitle("Task-gradient conflict during pretraining (first seed; two-task "
+               "methods only; slam_ags_backbone repeats slam_ags's pretraining)",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
