@@ -43,6 +43,9 @@ METHODS: dict[str, tuple[str, dict]] = {
                {"pretrain": {"task_weights": (1.0, 1.0), "surgery": "pcgrad"}}),
     "slam_ags": ("SimCLR + similarity with adaptive gradient surgery (SLAM-AGS)",
                  {"pretrain": {"task_weights": (1.0, 1.0), "surgery": "adaptive_pcgrad"}}),
+    "bag_label": ("weakly supervised: cells trained on their bag's label",
+                  {"pretrain": {"objective": "bag_label", "surgery": "sum"},
+                   "model": {"proj_dims": (512, 1)}, "embed": {"output": "backbone"}}),
     # Ablations of SLAM-AGS (why it collapses here; not methods of the paper).
     "slam_ags_lowsim": ("SLAM-AGS with the similarity loss weighted 0.1",
                         {"pretrain": {"task_weights": (1.0, 0.1),
@@ -51,9 +54,6 @@ METHODS: dict[str, tuple[str, dict]] = {
                           {"pretrain": {"task_weights": (1.0, 1.0),
                                         "surgery": "adaptive_pcgrad"},
                            "embed": {"output": "backbone"}}),
-    "bag_label": ("weakly supervised: cells trained on their bag's label",
-                  {"pretrain": {"objective": "bag_label", "surgery": "sum"},
-                   "model": {"proj_dims": (512, 1)}, "embed": {"output": "backbone"}}),
 }
 
 

@@ -24,6 +24,8 @@ import sys
 import matplotlib.pyplot as plt
 import numpy as np
 
+from slamjax import study
+
 METRICS = (("F1", ("bag", "f1")), ("AUC", ("bag", "auc")),
            ("recall@K", ("retrieval", "recall_at_k")),
            ("AP", ("retrieval", "average_precision")))
@@ -44,7 +46,11 @@ def _ordered(values, preferred) -> list:
 
 def _axes(recs, cfg=None):
   s = cfg.study if cfg is not None else None
-  methods = _ordered([r["method"] for r in recs], list(s.methods) if s else [])
+  if s is not None:
+    preferred = list(s.methods)
+  else:  # the command-line report: the order methods are defined in
+    preferred = list(study.METHODS)
+  methods = _ordered([r["method"] for r in recs], preferred)
   rates = sorted({r["witness_rate"] for r in recs}, reverse=True)
   heads = _ordered([h for r in recs for h in r["heads"]], [])
   return methods, rates, heads
