@@ -44,12 +44,15 @@ def _ordered(values, preferred) -> list:
   return [v for v in preferred if v in present] + sorted(present - set(preferred))
 
 
+def _color(methods, m) -> str:
+  """One colour per method, the same in every panel and plot."""
+  return f"C{methods.index(m) % 10}"
+
+
 def _axes(recs, cfg=None):
   s = cfg.study if cfg is not None else None
-  if s is not None:
-    preferred = list(s.methods)
-  else:  # the command-line report: the order methods are defined in
-    preferred = list(study.METHODS)
+  # Without a config (command-line report): the order methods are defined in.
+  preferred = list(s.methods) if s is not None else list(study.METHODS)
   methods = _ordered([r["method"] for r in recs], preferred)
   rates = sorted({r["witness_rate"] for r in recs}, reverse=True)
   heads = _ordered([h for r in recs for h in r["heads"]], [])
@@ -168,7 +171,7 @@ def _plot_losses(path, recs, cfg=None) -> None:
         if r["method"] == m and r["witness_rate"] == rate:
           h = r["pretrain_history"]
           steps = [x["step"] for x in h]
-          color = f"C{methods.index(m) % 10}"
+          color = _color(methods, m)
           axes[0][j].plot(steps, [x["loss_simclr"] for x in h], label=m, color=color)
           axes[1][j].plot(steps, [x["loss_sim"] for x in h], label=m, color=color)
     axes[0][j].set_title(f"WR {rate:.1%}: NT-Xent (positive bags)")
@@ -196,7 +199,7 @@ def _plot_conflict(path, recs, cfg=None) -> None:
           if not cos.size or not np.any(cos):  # single-task runs log 0
             continue
           steps = [x["step"] for x in h]
-          color = f"C{methods.index(m) % 10}"  # same colour in every panel
+          color = _color(methods, m)
           axes[0][j].plot(steps, cos, label=m, lw=1, color=color)
           running = np.cumsum(cos < 0) / np.arange(1, cos.size + 1)
           axes[1][j].plot(steps, running, label=m, lw=1, color=color)

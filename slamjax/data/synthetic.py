@@ -3,10 +3,10 @@
 Each crop shows one white cell on a smear background with red-cell discs.
 Morphologies (``MORPHOLOGIES``) differ in cell and nucleus size, nucleus
 shape (round versus lobulated/irregular), chromatin texture (coarse and
-clumped versus fine), nucleoli and cytoplasm colour; every crop also gets a random stain colour shift, position
-jitter, orientation, blur and noise. Size distributions of the classes
-overlap on purpose, so raw-pixel linear models do poorly while a CNN that
-learns shape and texture separates them.
+clumped versus fine), nucleoli and cytoplasm colour; every crop also gets a
+random stain colour shift, position jitter, orientation, blur and noise.
+Size distributions of the classes overlap on purpose, so raw-pixel linear
+models do poorly while a CNN that learns shape and texture separates them.
 
 Example:
   >>> images, labels = generate_cells(num_per_class={"normal": 4, "blast": 2},
