@@ -21,6 +21,7 @@ import numpy as np
 from slamjax import distributed
 from slamjax import sharding
 from slamjax.data import augment
+from slamjax.models import layers
 
 
 def make_embed_fn(cfg, model, mesh):
@@ -40,7 +41,8 @@ def make_embed_fn(cfg, model, mesh):
   # multi-process run gets the whole batch, in order.
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh),
                                    sharding.data_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=layers.compiler_options(model.impl))
 
 
 def embed_rows(cfg, model, state, source, rows: np.ndarray, mesh, fn=None) -> np.ndarray:

@@ -44,6 +44,7 @@ from slamjax import sharding
 from slamjax import surgery
 from slamjax.data import augment
 from slamjax.data import batching
+from slamjax.models import layers
 from slamjax.models import resnet
 
 TASKS = ("simclr", "similarity")
@@ -234,7 +235,7 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
 
   repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=layers.compiler_options(model.impl))
 
 
 def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:

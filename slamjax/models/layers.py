@@ -1,6 +1,6 @@
 """Backend-dependent formulations of the encoder's layers.
 
-A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
+A plain Flax ResNet-18 falls off five performance cliffs of XLA:CPU (JAX
 0.10, measured on a 2-core machine; see ``benchmarks/README_SECTION.md``):
 
 * Convolutions on tiny maps: a 3x3 convolution on a 2x2 map with 512
@@ -15,9 +15,11 @@ A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
   routes each output's gradient to the first maximum of its window, exactly
   as select-and-scatter does, with fused masks and strided pads (4-6x faster).
 * Every large temporary buffer is a fresh ``mmap`` from glibc malloc, so each
-  step page-faults its working set again (~2.5 us per 4 KiB page; a 95 MB
-  concatenation ran 7x slower than with warm pages). :func:`tune_cpu_allocator`
-  keeps freed memory in the heap instead.
+  step page-faults its working set again (~4.5 us per 4 KiB page; 660,000
+  faults per 128x128 step). :func:`tune_cpu_allocator` keeps freed memory in
+  the heap instead.
+* The RGB stem's weight gradient: XLA's took 1.1 s of a 128x128 step per
+  task; as an im2col product on the space-to-depth input it takes 0.35 s.
 
 The ``'cpu'`` formulation keeps parameters identical to the ``'native'`` one
 (``flax.linen.Conv`` / ``BatchNorm``) and computes the same function, so
@@ -63,16 +65,49 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
-  """Makes glibc malloc keep freed memory instead of unmapping it.
+# XLA:CPU options for programs that run the 'cpu' formulation. YNNPACK's
+# convolution fusions (XLA's default in JAX 0.10) ran a 3x3 convolution of
+# batch 128 at 32x32x64 1.7-2x slower than XLA's own convolution (187 vs
+# 91-111 ms forward, 161 vs 89-101 ms input gradient; PyTorch: 137 ms
+# forward). Dots and reductions stay with YNNPACK: without its reductions,
+# BatchNorm's statistics become slow reduce-windows.
+XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                   "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
-  XLA:CPU allocates each step's large temporaries with malloc; by default
-  glibc serves them with ``mmap`` and unmaps them on free, so every step
-  page-faults its whole working set again. Setting ``M_TOP_PAD`` (and one
-  arena) lets the heap keep that memory, which on a 2-core machine made a
-  memory-bound XLA op 6-8x faster. Affects the whole process (PyTorch too).
-  Idempotent; a no-op off glibc or when ``SLAMJAX_NO_MALLOC_TUNING`` is set.
-  Returns whether the settings were applied.
+
+def compiler_options(impl: str = "auto") -> dict | None:
+  """``jax.jit(..., compiler_options=...)`` for a program using ``impl``.
+
+  Returns :data:`XLA_CPU_OPTIONS` when ``impl`` resolves to ``'cpu'`` and
+  ``None`` (XLA's defaults) otherwise, e.g. on GPU/TPU.
+
+  Example:
+    >>> import jax
+    >>> opts = compiler_options("native")
+    >>> f = jax.jit(lambda x: x + 1, compiler_options=opts)
+    >>> opts is None, int(f(1))
+    (True, 2)
+  """
+  return dict(XLA_CPU_OPTIONS) if resolve_impl(impl) == "cpu" else None
+
+
+def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
+  """Makes glibc malloc keep freed memory instead of returning it to the OS.
+
+  XLA:CPU allocates each step's temporaries with malloc, the largest as one
+  block (2.5 GiB for a 128x128 SLAM-AGS step). By default glibc serves any
+  block over its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
+  unmaps it on free, so every step page-faults its whole working set again:
+  660,000 faults and 3 s of kernel time per 128x128 step on 2 cores. This
+  disables mmap for allocations (``M_MMAP_MAX`` = 0), never trims the heap
+  (``M_TRIM_THRESHOLD`` = -1), pads heap growth (``M_TOP_PAD``) and uses one
+  arena: a step then reuses the heap pages of the previous one (0 faults;
+  the 128x128 step 15% faster, the 64x64 one 22%, measured back to back in
+  one process). The price: the process keeps its peak heap until it exits.
+
+  Affects the whole process (PyTorch too). Idempotent; a no-op off glibc or
+  when ``SLAMJAX_NO_MALLOC_TUNING`` is set. Returns whether the settings were
+  applied.
   """
   global _ALLOCATOR_TUNED
   if _ALLOCATOR_TUNED:
@@ -81,8 +116,11 @@ def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
-    m_top_pad, m_arena_max = -2, -8
-    ok = bool(libc.mallopt(m_arena_max, 1)) & bool(libc.mallopt(m_top_pad, int(top_pad_bytes)))
+    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
+    ok = all([bool(libc.mallopt(m_arena_max, 1)),
+              bool(libc.mallopt(m_top_pad, int(top_pad_bytes))),
+              bool(libc.mallopt(m_mmap_max, 0)),
+              bool(libc.mallopt(m_trim_threshold, -1))])  # -1: never trim
   except (OSError, AttributeError):
     return False
   _ALLOCATOR_TUNED = ok
@@ -126,32 +164,38 @@ def _native_conv(x, w, strides):
 CONV_DW_MODES = ("lax", "im2col", "shift")
 # conv_dw: how the weight gradient of the larger convolutions is computed;
 # layers with fewer than conv_dw_min_in_channels inputs (the RGB stem, whose
-# im2col would interleave 3-channel slices) keep XLA's.
+# im2col would interleave 3-channel slices) use stem_dw instead: the im2col
+# product on the space-to-depth input when strided, else XLA's ('lax').
 # Maps smaller than conv_dw_min_positions keep XLA's too (measured faster).
 # im2col_min_positions: stride-1 maps at least this large do forward, input
 # and weight gradient as chunked im2col products; off by default (faster per
 # layer in isolation, not in the whole 2-core step).
 OPTIONS = {"conv_dw": "im2col", "conv_dw_min_in_channels": 8,
            "conv_dw_min_positions": 64, "conv_dw_chunk_bytes": 16 << 20,
-           "im2col_min_positions": 1 << 62, "pool": "custom"}
+           "im2col_min_positions": 1 << 62, "pool": "custom",
+           "stem_dw": "space_to_depth"}
 
 
-def _conv_taps(x, kh, kw, strides):
-  """The kh*kw shifted (strided) slices of the 'SAME'-padded input."""
+def _conv_taps(x, kh, kw, strides, same=True):
+  """The kh*kw shifted (strided) slices of the 'SAME'-padded (or, with
+  ``same=False``, unpadded: 'VALID') input."""
   n, h, wd, c = x.shape
   sh, sw = strides
-  ho, ph = _same_padding(h, kh, sh)
-  wo, pw = _same_padding(wd, kw, sw)
-  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  if same:
+    ho, ph = _same_padding(h, kh, sh)
+    wo, pw = _same_padding(wd, kw, sw)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  else:
+    ho, wo, xp = (h - kh) // sh + 1, (wd - kw) // sw + 1, x
   return [lax.slice(xp, (0, i, j, 0),
                     (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
           for i in range(kh) for j in range(kw)]
 
 
-def _weight_grad_dense(x, dy, kernel_shape, strides, mode):
+def _weight_grad_dense(x, dy, kernel_shape, strides, mode, same=True):
   kh, kw, c, o = kernel_shape
   dy2 = dy.reshape(-1, o)
-  taps = _conv_taps(x, kh, kw, strides)
+  taps = _conv_taps(x, kh, kw, strides, same)
   if mode == "im2col":
     cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
     dw = lax.dot_general(cols.reshape(-1, kh * kw * c), dy2, (((0,), (0,)), ((), ())),
@@ -170,8 +214,9 @@ def _num_chunks(n: int, total_bytes: int) -> int:
   return chunks
 
 
-def _weight_grad(x, dy, kernel_shape, strides, mode):
-  """dL/dkernel of a 'SAME' convolution, as matmuls over shifted slices.
+def _weight_grad(x, dy, kernel_shape, strides, mode, same=True):
+  """dL/dkernel of a 'SAME' (or 'VALID') convolution, as matmuls over
+  shifted slices.
 
   The batch is processed in chunks (a sequential ``lax.scan``) so that the
   im2col columns of one chunk stay under ``OPTIONS['conv_dw_chunk_bytes']``:
@@ -181,15 +226,42 @@ def _weight_grad(x, dy, kernel_shape, strides, mode):
   n = x.shape[0]
   chunks = _num_chunks(n, dy.size // dy.shape[-1] * kh * kw * c * x.dtype.itemsize)
   if chunks == 1:
-    return _weight_grad_dense(x, dy, kernel_shape, strides, mode)
+    return _weight_grad_dense(x, dy, kernel_shape, strides, mode, same)
   xs = x.reshape((chunks, n // chunks) + x.shape[1:])
   dys = dy.reshape((chunks, n // chunks) + dy.shape[1:])
 
   def body(acc, xd):
-    return acc + _weight_grad_dense(xd[0], xd[1], kernel_shape, strides, mode), None
+    return acc + _weight_grad_dense(xd[0], xd[1], kernel_shape, strides, mode, same), None
 
   dw, _ = lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (xs, dys))
   return dw.astype(x.dtype)
+
+
+def _weight_grad_space_to_depth(x, dy, kernel_shape, strides):
+  """dL/dkernel of a strided 'SAME' convolution with few input channels.
+
+  A stride-(sh, sw) convolution is a stride-1 one on the space-to-depth
+  input (sh*sw*c channels) with a ceil(k/s)-sized kernel whose extra taps
+  are zero. Its im2col columns are then made of sh*sw*c-wide slices instead
+  of c-wide ones: for the 7x7/2 RGB stem, 16 slices of 12 channels instead of
+  49 of 3, which made the stem's weight gradient 3x faster than XLA's on
+  CPU (1.12 s -> 0.35 s at 128 images of 128x128).
+  """
+  kh, kw, c, o = kernel_shape
+  sh, sw = strides
+  n, h, wd, _ = x.shape
+  ho, (pt, _) = _same_padding(h, kh, sh)
+  wo, (pl, _) = _same_padding(wd, kw, sw)
+  kh2, kw2 = -(-kh // sh), -(-kw // sw)
+  hs, ws = ho + kh2 - 1, wo + kw2 - 1
+  # Pad (or crop: lax.pad takes negative widths) to exactly (sh*hs, sw*ws).
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, sh * hs - h - pt, 0),
+                                            (pl, sw * ws - wd - pl, 0), (0, 0, 0)))
+  xs = xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5)
+  xs = xs.reshape(n, hs, ws, sh * sw * c)
+  dw = _weight_grad(xs, dy, (kh2, kw2, sh * sw * c, o), (1, 1), "im2col", same=False)
+  dw = dw.reshape(kh2, kw2, sh, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
+  return dw.reshape(kh2 * sh, kw2 * sw, c, o)[:kh, :kw]
 
 
 def _chunked_im2col_conv(x, w):
@@ -240,6 +312,8 @@ def _conv_matmul_dw_bwd(strides, res, dy):
   x, w = res
   _, vjp_x = jax.vjp(lambda x_: _native_conv(x_, w, strides), x)
   (dx,) = vjp_x(dy)
+  if x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]:
+    return dx, _weight_grad_space_to_depth(x, dy, w.shape, strides)
   return dx, _weight_grad(x, dy, w.shape, strides, OPTIONS["conv_dw"])
 
 
@@ -262,8 +336,9 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
       and ho * wo >= OPTIONS["im2col_min_positions"]
       and x.shape[-1] >= OPTIONS["conv_dw_min_in_channels"]):
     return _conv_im2col_s1(x, w)
-  if (OPTIONS["conv_dw"] == "lax" or x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
-      or ho * wo < OPTIONS["conv_dw_min_positions"]):
+  few_channels = x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
+  if (OPTIONS["conv_dw"] == "lax" or ho * wo < OPTIONS["conv_dw_min_positions"]
+      or (few_channels and (strides == (1, 1) or OPTIONS["stem_dw"] != "space_to_depth"))):
     return _native_conv(x, w, strides)
   return _conv_matmul_dw(x, w, strides)
 
