@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def worker(args) -> None:
   else:
     run = make_torch_step(args.size, args.batch, args.width, args.proj, args.threads,
                           args.torch_layout, args.channels_last)
-  run()
+  for _ in range(args.warmup):
+    run()
   base = _rss_kib("VmRSS")
   _reset_peak_rss()
   times = []
@@ -123,7 +125,7 @@ def measure_memory(args, which: str, size: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--size", str(size),
          "--batch", str(args.batch), "--width", str(args.width), "--proj", str(args.proj),
          "--impl", args.impl, "--threads", str(args.threads), "--steps", "2",
-         "--torch-layout", args.torch_layout]
+         "--torch-layout", args.torch_layout, "--warmup", str(args.warmup)]
   if args.channels_last:
     cmd.append("--channels-last")
   if not args.allocator:
@@ -144,6 +146,7 @@ def main(argv=None) -> None:
   p.add_argument("--impl", default="auto", choices=["auto", "native", "cpu"])
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--reps", type=int, default=5, help="timed steps of each, alternating")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
   p.add_argument("--torch-layout", default="per_task", choices=["per_task", "reference"])
   p.add_argument("--channels-last", action="store_true", help="torch channels_last")
   p.add_argument("--no-allocator", dest="allocator", action="store_false",
@@ -171,11 +174,21 @@ def main(argv=None) -> None:
     compile_s = time.perf_counter() - t0
     trun = make_torch_step(size, args.batch, args.width, args.proj, args.threads,
                            args.torch_layout, args.channels_last)
-    trun()
-    jt, tt = [], []
+    # Warm-up: until the heap holds both frameworks' step buffers, steps
+    # page-fault fresh memory (see slamjax.models.layers.tune_cpu_allocator).
+    for _ in range(args.warmup):
+      jrun(); trun()
+    jt, tt, jf, tf = [], [], [], []
+
+    def timed(run, times, faults):
+      f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
     for _ in range(args.reps):  # alternate, so both see the same load
-      t = time.perf_counter(); jrun(); jt.append(time.perf_counter() - t)
-      t = time.perf_counter(); trun(); tt.append(time.perf_counter() - t)
+      timed(jrun, jt, jf)
+      timed(trun, tt, tf)
     paired = statistics.median(a / b for a, b in zip(jt, tt))
     row = dict(size=size, batch=args.batch, threads=args.threads,
                jax_ms_median=1e3 * statistics.median(jt), jax_ms_min=1e3 * min(jt),
@@ -183,7 +196,8 @@ def main(argv=None) -> None:
                ratio_median=statistics.median(jt) / statistics.median(tt),
                ratio_min=min(jt) / min(tt), ratio_paired=paired,
                jax_first_step_s=compile_s, jax_ms=[round(1e3 * x) for x in jt],
-               torch_ms=[round(1e3 * x) for x in tt])
+               torch_ms=[round(1e3 * x) for x in tt], jax_page_faults=jf,
+               torch_page_faults=tf)
     print(json.dumps(row), flush=True)
     if args.memory:
       del jrun, trun
@@ -200,18 +214,22 @@ def main(argv=None) -> None:
             f"{args.threads} threads, jax {jax.__version__} (impl={args.impl}), "
             f"torch {torch.__version__} (layout={args.torch_layout}"
             f"{', channels_last' if args.channels_last else ''}), "
-            f"{args.reps} alternating reps, load average {load[0]:.1f}")
+            f"{args.warmup} warm-up and {args.reps} alternating timed steps, "
+            f"load average {load[0]:.1f}")
   lines = [header, "",
            "| image | slamjax ms/step (median, min) | PyTorch ms/step (median, min) "
-           "| ratio (median; paired) | peak RSS slamjax / PyTorch, MiB (growth while stepping) |",
-           "|---|---|---|---|---|"]
+           "| ratio (median; paired) | peak RSS slamjax / PyTorch, MiB (growth while stepping) "
+           "| page faults per step slamjax / PyTorch (median) |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     mem = (f"{r['jax_peak_rss_mib']:.0f} ({r['jax_step_rss_mib']:.0f}) / "
            f"{r['torch_peak_rss_mib']:.0f} ({r['torch_step_rss_mib']:.0f})"
            if "jax_peak_rss_mib" in r else "n/a")
     lines.append(f"| {r['size']}x{r['size']} | {r['jax_ms_median']:.0f}, {r['jax_ms_min']:.0f} "
                  f"| {r['torch_ms_median']:.0f}, {r['torch_ms_min']:.0f} "
-                 f"| {r['ratio_median']:.2f}; {r['ratio_paired']:.2f} | {mem} |")
+                 f"| {r['ratio_median']:.2f}; {r['ratio_paired']:.2f} | {mem} "
+                 f"| {statistics.median(r['jax_page_faults']):.0f} / "
+                 f"{statistics.median(r['torch_page_faults']):.0f} |")
   table = "\n".join(lines)
   print(table)
   if args.markdown:

@@ -1,16 +1,21 @@
 """Backend-dependent formulations of the encoder's layers.
 
-A plain Flax ResNet-18 falls off five performance cliffs of XLA:CPU (JAX
+A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
 0.10, measured on a 2-core machine; see ``benchmarks/README_SECTION.md``):
 
+* YNNPACK convolutions: JAX 0.10's XLA:CPU hands convolutions to YNNPACK,
+  whose kernels ran a 3x3 convolution (batch 128, 32x32x64) 1.7-2x slower
+  than XLA's own (forward 187 vs 91-111 ms, input gradient 161 vs 89-101 ms;
+  PyTorch's forward: 137 ms), and weight gradients slower still. Programs
+  using this formulation are compiled with :func:`compiler_options`, which
+  keeps YNNPACK for dots and reductions only; XLA's own weight gradient is
+  then faster than the im2col product this module used before (140 vs
+  252 ms at 32x32x64; ``OPTIONS['conv_dw']`` still selects it).
 * Convolutions on tiny maps: a 3x3 convolution on a 2x2 map with 512
-  channels takes seconds (forward and input gradient), against tens of
-  milliseconds for the same work as one matrix product. At 64x64 inputs the
-  last stage runs on 2x2 maps, so this one case dominated a training step.
-* Convolution weight gradients: XLA computes them as a convolution with the
-  batch contracted, after transposing activations to a channel-major layout;
-  together the two took over half of a 128x128 step. Here they are one
-  im2col matrix product (``cols^T @ dy``) for maps of 8x8 and larger.
+  channels takes about 2 s (forward and gradients, batch 128), against
+  48 ms for the same work as one matrix product. At 64x64 inputs the last
+  stage runs on 2x2 maps, so this one case dominated a training step. Maps
+  of at most 4 positions and all 1x1 convolutions are im2col products.
 * The max-pool gradient (select-and-scatter): replaced by a custom VJP that
   routes each output's gradient to the first maximum of its window, exactly
   as select-and-scatter does, with fused masks and strided pads (4-6x faster).
@@ -18,8 +23,6 @@ A plain Flax ResNet-18 falls off five performance cliffs of XLA:CPU (JAX
   step page-faults its working set again (~4.5 us per 4 KiB page; 660,000
   faults per 128x128 step). :func:`tune_cpu_allocator` keeps freed memory in
   the heap instead.
-* The RGB stem's weight gradient: XLA's took 1.1 s of a 128x128 step per
-  task; as an im2col product on the space-to-depth input it takes 0.35 s.
 
 The ``'cpu'`` formulation keeps parameters identical to the ``'native'`` one
 (``flax.linen.Conv`` / ``BatchNorm``) and computes the same function, so
@@ -162,40 +165,34 @@ def _native_conv(x, w, strides):
 
 # Tunables of the 'cpu' formulation, read at trace time (for benchmarks).
 CONV_DW_MODES = ("lax", "im2col", "shift")
-# conv_dw: how the weight gradient of the larger convolutions is computed;
-# layers with fewer than conv_dw_min_in_channels inputs (the RGB stem, whose
-# im2col would interleave 3-channel slices) use stem_dw instead: the im2col
-# product on the space-to-depth input when strided, else XLA's ('lax').
-# Maps smaller than conv_dw_min_positions keep XLA's too (measured faster).
-# im2col_min_positions: stride-1 maps at least this large do forward, input
-# and weight gradient as chunked im2col products; off by default (faster per
-# layer in isolation, not in the whole 2-core step).
-OPTIONS = {"conv_dw": "im2col", "conv_dw_min_in_channels": 8,
+# conv_dw: how the weight gradient of convolutions on larger maps is computed:
+# XLA's ('lax', fastest with compiler_options()), or as matmuls over the
+# im2col columns ('im2col') or over each shifted slice ('shift'), for layers
+# with at least conv_dw_min_in_channels inputs and conv_dw_min_positions
+# output positions. im2col_min_positions: stride-1 maps at least this large
+# do forward, input and weight gradient as chunked im2col products; off by
+# default (faster per layer in isolation, not in the whole 2-core step).
+OPTIONS = {"conv_dw": "lax", "conv_dw_min_in_channels": 8,
            "conv_dw_min_positions": 64, "conv_dw_chunk_bytes": 16 << 20,
-           "im2col_min_positions": 1 << 62, "pool": "custom",
-           "stem_dw": "space_to_depth"}
+           "im2col_min_positions": 1 << 62, "pool": "custom"}
 
 
-def _conv_taps(x, kh, kw, strides, same=True):
-  """The kh*kw shifted (strided) slices of the 'SAME'-padded (or, with
-  ``same=False``, unpadded: 'VALID') input."""
+def _conv_taps(x, kh, kw, strides):
+  """The kh*kw shifted (strided) slices of the 'SAME'-padded input."""
   n, h, wd, c = x.shape
   sh, sw = strides
-  if same:
-    ho, ph = _same_padding(h, kh, sh)
-    wo, pw = _same_padding(wd, kw, sw)
-    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  else:
-    ho, wo, xp = (h - kh) // sh + 1, (wd - kw) // sw + 1, x
+  ho, ph = _same_padding(h, kh, sh)
+  wo, pw = _same_padding(wd, kw, sw)
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
   return [lax.slice(xp, (0, i, j, 0),
                     (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
           for i in range(kh) for j in range(kw)]
 
 
-def _weight_grad_dense(x, dy, kernel_shape, strides, mode, same=True):
+def _weight_grad_dense(x, dy, kernel_shape, strides, mode):
   kh, kw, c, o = kernel_shape
   dy2 = dy.reshape(-1, o)
-  taps = _conv_taps(x, kh, kw, strides, same)
+  taps = _conv_taps(x, kh, kw, strides)
   if mode == "im2col":
     cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
     dw = lax.dot_general(cols.reshape(-1, kh * kw * c), dy2, (((0,), (0,)), ((), ())),
@@ -214,9 +211,8 @@ def _num_chunks(n: int, total_bytes: int) -> int:
   return chunks
 
 
-def _weight_grad(x, dy, kernel_shape, strides, mode, same=True):
-  """dL/dkernel of a 'SAME' (or 'VALID') convolution, as matmuls over
-  shifted slices.
+def _weight_grad(x, dy, kernel_shape, strides, mode):
+  """dL/dkernel of a 'SAME' convolution, as matmuls over shifted slices.
 
   The batch is processed in chunks (a sequential ``lax.scan``) so that the
   im2col columns of one chunk stay under ``OPTIONS['conv_dw_chunk_bytes']``:
@@ -226,42 +222,15 @@ def _weight_grad(x, dy, kernel_shape, strides, mode, same=True):
   n = x.shape[0]
   chunks = _num_chunks(n, dy.size // dy.shape[-1] * kh * kw * c * x.dtype.itemsize)
   if chunks == 1:
-    return _weight_grad_dense(x, dy, kernel_shape, strides, mode, same)
+    return _weight_grad_dense(x, dy, kernel_shape, strides, mode)
   xs = x.reshape((chunks, n // chunks) + x.shape[1:])
   dys = dy.reshape((chunks, n // chunks) + dy.shape[1:])
 
   def body(acc, xd):
-    return acc + _weight_grad_dense(xd[0], xd[1], kernel_shape, strides, mode, same), None
+    return acc + _weight_grad_dense(xd[0], xd[1], kernel_shape, strides, mode), None
 
   dw, _ = lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (xs, dys))
   return dw.astype(x.dtype)
-
-
-def _weight_grad_space_to_depth(x, dy, kernel_shape, strides):
-  """dL/dkernel of a strided 'SAME' convolution with few input channels.
-
-  A stride-(sh, sw) convolution is a stride-1 one on the space-to-depth
-  input (sh*sw*c channels) with a ceil(k/s)-sized kernel whose extra taps
-  are zero. Its im2col columns are then made of sh*sw*c-wide slices instead
-  of c-wide ones: for the 7x7/2 RGB stem, 16 slices of 12 channels instead of
-  49 of 3, which made the stem's weight gradient 3x faster than XLA's on
-  CPU (1.12 s -> 0.35 s at 128 images of 128x128).
-  """
-  kh, kw, c, o = kernel_shape
-  sh, sw = strides
-  n, h, wd, _ = x.shape
-  ho, (pt, _) = _same_padding(h, kh, sh)
-  wo, (pl, _) = _same_padding(wd, kw, sw)
-  kh2, kw2 = -(-kh // sh), -(-kw // sw)
-  hs, ws = ho + kh2 - 1, wo + kw2 - 1
-  # Pad (or crop: lax.pad takes negative widths) to exactly (sh*hs, sw*ws).
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, sh * hs - h - pt, 0),
-                                            (pl, sw * ws - wd - pl, 0), (0, 0, 0)))
-  xs = xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5)
-  xs = xs.reshape(n, hs, ws, sh * sw * c)
-  dw = _weight_grad(xs, dy, (kh2, kw2, sh * sw * c, o), (1, 1), "im2col", same=False)
-  dw = dw.reshape(kh2, kw2, sh, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
-  return dw.reshape(kh2 * sh, kw2 * sw, c, o)[:kh, :kw]
 
 
 def _chunked_im2col_conv(x, w):
@@ -312,8 +281,6 @@ def _conv_matmul_dw_bwd(strides, res, dy):
   x, w = res
   _, vjp_x = jax.vjp(lambda x_: _native_conv(x_, w, strides), x)
   (dx,) = vjp_x(dy)
-  if x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]:
-    return dx, _weight_grad_space_to_depth(x, dy, w.shape, strides)
   return dx, _weight_grad(x, dy, w.shape, strides, OPTIONS["conv_dw"])
 
 
@@ -336,9 +303,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
       and ho * wo >= OPTIONS["im2col_min_positions"]
       and x.shape[-1] >= OPTIONS["conv_dw_min_in_channels"]):
     return _conv_im2col_s1(x, w)
-  few_channels = x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
-  if (OPTIONS["conv_dw"] == "lax" or ho * wo < OPTIONS["conv_dw_min_positions"]
-      or (few_channels and (strides == (1, 1) or OPTIONS["stem_dw"] != "space_to_depth"))):
+  if (OPTIONS["conv_dw"] == "lax" or x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
+      or ho * wo < OPTIONS["conv_dw_min_positions"]):
     return _native_conv(x, w, strides)
   return _conv_matmul_dw(x, w, strides)
 

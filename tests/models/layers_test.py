@@ -16,8 +16,6 @@ CONV_CASES = [
     # (input NHWC, kernel, stride): 7x7/2 stem, 3x3/1, 3x3/2, 1x1/2, small
     # maps (im2col path), odd sizes (asymmetric 'SAME' padding).
     ((2, 16, 16, 3), 7, 2),
-    ((2, 17, 19, 3), 7, 2),  # space-to-depth stem weight gradient, odd sizes
-    ((2, 18, 18, 2), 3, 2),
     ((2, 9, 9, 4), 3, 1),
     ((2, 8, 8, 4), 3, 2),
     ((2, 7, 7, 4), 3, 2),
@@ -85,23 +83,17 @@ def test_resolve_impl():
     layers.resolve_impl("fast")
 
 
-def test_space_to_depth_weight_grad_matches_xla():
-  # Direct check of the stem's weight gradient, with batch chunks.
-  x, dy = _rand((4, 20, 20, 3), 5), _rand((4, 10, 10, 8), 6)
-  w = jnp.zeros((7, 7, 3, 8))
-  _, vjp = jax.vjp(lambda w: layers._native_conv(x, w, (2, 2)), w)
-  (expected,) = vjp(dy)
-  old = layers.OPTIONS["conv_dw_chunk_bytes"]
-  try:
-    layers.OPTIONS["conv_dw_chunk_bytes"] = 40_000  # forces several chunks
-    got = jax.jit(lambda x, dy: layers._weight_grad_space_to_depth(
-        x, dy, w.shape, (2, 2)))(x, dy)
-  finally:
-    layers.OPTIONS["conv_dw_chunk_bytes"] = old
-  assert got.shape == expected.shape
-  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-
-
 def test_tune_cpu_allocator_is_idempotent():
   first = layers.tune_cpu_allocator()
   assert layers.tune_cpu_allocator() == first
+
+
+def test_compiler_options_compile_the_same_function():
+  assert layers.compiler_options("native") is None
+  opts = layers.compiler_options("cpu")
+  assert opts == layers.XLA_CPU_OPTIONS and opts is not layers.XLA_CPU_OPTIONS
+  x, w = _rand((2, 9, 9, 8), 7), _rand((3, 3, 8, 4), 8)
+  f = lambda x, w: jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, (1, 1), "cpu") ** 2),
+                            argnums=(0, 1))(x, w)
+  for a, b in zip(jax.jit(f, compiler_options=opts)(x, w), jax.jit(f)(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
