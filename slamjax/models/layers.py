@@ -1,7 +1,7 @@
 """Backend-dependent formulations of the encoder's layers.
 
 A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
-0.10, measured on a 2-core machine; see ``benchmarks/README_SECTION.md``):
+0.10, measured on a 2-core machine; see ``benchmarks/RESULTS.md``):
 
 * YNNPACK convolutions: JAX 0.10's XLA:CPU hands convolutions to YNNPACK,
   whose kernels ran a 3x3 convolution (batch 128, 32x32x64) 1.7-2x slower
