@@ -98,6 +98,14 @@ def make_torch_step(size: int, batch: int, width: int, proj: int, threads: int,
   return lambda: step(pos, neg)
 
 
+def _timed(run, times: list, faults: list) -> None:
+  """Runs one step; appends its wall time and its minor page faults."""
+  f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+  run()
+  times.append(time.perf_counter() - t)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
+
 def worker(args) -> None:
   """Child process: warm up, then report time and peak RSS of a few steps."""
   if args.allocator:
@@ -179,16 +187,9 @@ def main(argv=None) -> None:
     for _ in range(args.warmup):
       jrun(); trun()
     jt, tt, jf, tf = [], [], [], []
-
-    def timed(run, times, faults):
-      f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-      run()
-      times.append(time.perf_counter() - t)
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-
     for _ in range(args.reps):  # alternate, so both see the same load
-      timed(jrun, jt, jf)
-      timed(trun, tt, tf)
+      _timed(jrun, jt, jf)
+      _timed(trun, tt, tf)
     paired = statistics.median(a / b for a, b in zip(jt, tt))
     row = dict(size=size, batch=args.batch, threads=args.threads,
                jax_ms_median=1e3 * statistics.median(jt), jax_ms_min=1e3 * min(jt),

@@ -68,12 +68,9 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-# XLA:CPU options for programs that run the 'cpu' formulation. YNNPACK's
-# convolution fusions (XLA's default in JAX 0.10) ran a 3x3 convolution of
-# batch 128 at 32x32x64 1.7-2x slower than XLA's own convolution (187 vs
-# 91-111 ms forward, 161 vs 89-101 ms input gradient; PyTorch: 137 ms
-# forward). Dots and reductions stay with YNNPACK: without its reductions,
-# BatchNorm's statistics become slow reduce-windows.
+# XLA:CPU options for programs that run the 'cpu' formulation: YNNPACK for
+# dots and reductions only, not convolutions (see the module docstring).
+# Without its reductions, BatchNorm's statistics become slow reduce-windows.
 XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                    "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
