@@ -19,6 +19,15 @@ A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
 * The max-pool gradient (select-and-scatter): replaced by a custom VJP that
   routes each output's gradient to the first maximum of its window, exactly
   as select-and-scatter does, with fused masks and strided pads (4-6x faster).
+* Recomputed transposes: XLA's weight-gradient convolution wants its inputs
+  transposed (channels major, batch minor), and XLA:CPU fuses the elementwise
+  producers of those inputs (BatchNorm, ReLU, residual adds of the forward;
+  the BatchNorm backward) into the transposing copy, recomputing them from
+  up to ten inputs read in transposed order: 100-300 ms per 32x32x64 layer
+  (batch 128) instead of 10-15 ms for a plain transpose, and 2.3-2.9 s of
+  the two threads' time in a 128x128 SLAM-AGS step. ``optimization_barrier``
+  does not stop this (XLA:CPU removes it before fusion), so
+  :func:`_materialize` hands those inputs over as buffers.
 * Every large temporary buffer is a fresh ``mmap`` from glibc malloc, so each
   step page-faults its working set again (~4.5 us per 4 KiB page; 660,000
   faults per 128x128 step). :func:`tune_cpu_allocator` keeps freed memory in
@@ -161,16 +170,18 @@ def _native_conv(x, w, strides):
 
 
 # Tunables of the 'cpu' formulation, read at trace time (for benchmarks).
-CONV_DW_MODES = ("lax", "im2col", "shift")
-# conv_dw: how the weight gradient of convolutions on larger maps is computed:
-# XLA's ('lax', fastest with compiler_options()), or as matmuls over the
-# im2col columns ('im2col') or over each shifted slice ('shift'), for layers
-# with at least conv_dw_min_in_channels inputs and conv_dw_min_positions
-# output positions. im2col_min_positions: stride-1 maps at least this large
-# do forward, input and weight gradient as chunked im2col products; off by
-# default (faster per layer in isolation, not in the whole 2-core step).
+CONV_DW_MODES = ("lax", "lax_fused", "im2col", "shift")
+# conv_dw: how the weight gradient of convolutions is computed: XLA's on
+# materialized inputs ('lax', the fastest with compiler_options()), XLA's
+# with whatever fusion XLA picks ('lax_fused', see the module docstring), or
+# as matmuls over the im2col columns ('im2col') or over each shifted slice
+# ('shift'); for layers with at least conv_dw_min_in_channels inputs and
+# conv_dw_min_positions output positions (others: 'lax_fused').
+# im2col_min_positions: stride-1 maps at least this large do forward, input
+# and weight gradient as chunked im2col products; off by default (faster per
+# layer in isolation, not in the whole 2-core step).
 OPTIONS = {"conv_dw": "lax", "conv_dw_min_in_channels": 8,
-           "conv_dw_min_positions": 64, "conv_dw_chunk_bytes": 16 << 20,
+           "conv_dw_min_positions": 1, "conv_dw_chunk_bytes": 16 << 20,
            "im2col_min_positions": 1 << 62, "pool": "custom"}
 
 
@@ -264,24 +275,48 @@ def _conv_im2col_s1_bwd(res, dy):
 _conv_im2col_s1.defvjp(_conv_im2col_s1_fwd, _conv_im2col_s1_bwd)
 
 
+def _materialize(*arrays):
+  """``arrays``, unchanged, as buffers that XLA cannot fuse past.
+
+  A while loop of one trip, with a trip count XLA cannot know (it depends on
+  whether the last array's first element is NaN; at zero trips the values
+  pass through all the same) and a body XLA cannot prove to be the identity.
+  Its consumers read its output buffers instead of recomputing the arrays
+  from their producers. Costs one elementwise copy of each array.
+  """
+  trips = 1 - jnp.isnan(arrays[-1].reshape(-1)[0]).astype(jnp.int32)
+
+  def body(carry):
+    i, n, xs = carry
+    return i + 1, n, tuple(jnp.where(i < n, a, jnp.zeros_like(a)) for a in xs)
+
+  return lax.while_loop(lambda c: c[0] < c[1], body, (0, trips, tuple(arrays)))[2]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_matmul_dw(x, w, strides):
-  """XLA's convolution forward and input gradient; weight gradient by matmul."""
+def _conv_custom_dw(x, w, strides):
+  """XLA's convolution forward and input gradient; the weight gradient as
+  ``OPTIONS['conv_dw']`` says."""
   return _native_conv(x, w, strides)
 
 
-def _conv_matmul_dw_fwd(x, w, strides):
+def _conv_custom_dw_fwd(x, w, strides):
   return _native_conv(x, w, strides), (x, w)
 
 
-def _conv_matmul_dw_bwd(strides, res, dy):
+def _conv_custom_dw_bwd(strides, res, dy):
   x, w = res
   _, vjp_x = jax.vjp(lambda x_: _native_conv(x_, w, strides), x)
   (dx,) = vjp_x(dy)
-  return dx, _weight_grad(x, dy, w.shape, strides, OPTIONS["conv_dw"])
+  mode = OPTIONS["conv_dw"]
+  if mode == "lax":
+    xm, dym = _materialize(x, dy)
+    _, vjp_w = jax.vjp(lambda w_: _native_conv(xm, w_, strides), w)
+    return dx, vjp_w(dym)[0]
+  return dx, _weight_grad(x, dy, w.shape, strides, mode)
 
 
-_conv_matmul_dw.defvjp(_conv_matmul_dw_fwd, _conv_matmul_dw_bwd)
+_conv_custom_dw.defvjp(_conv_custom_dw_fwd, _conv_custom_dw_bwd)
 
 
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
@@ -300,10 +335,11 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
       and ho * wo >= OPTIONS["im2col_min_positions"]
       and x.shape[-1] >= OPTIONS["conv_dw_min_in_channels"]):
     return _conv_im2col_s1(x, w)
-  if (OPTIONS["conv_dw"] == "lax" or x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
+  if (OPTIONS["conv_dw"] == "lax_fused"
+      or x.shape[-1] < OPTIONS["conv_dw_min_in_channels"]
       or ho * wo < OPTIONS["conv_dw_min_positions"]):
     return _native_conv(x, w, strides)
-  return _conv_matmul_dw(x, w, strides)
+  return _conv_custom_dw(x, w, strides)
 
 
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2,

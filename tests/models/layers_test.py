@@ -97,3 +97,35 @@ def test_compiler_options_compile_the_same_function():
                             argnums=(0, 1))(x, w)
   for a, b in zip(jax.jit(f, compiler_options=opts)(x, w), jax.jit(f)(x, w)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_materialize_returns_its_inputs_unchanged():
+  x, dy = _rand((2, 5, 5, 4), 9), _rand((2, 5, 5, 4), 10)
+  xm, dym = jax.jit(layers._materialize)(x, dy)
+  np.testing.assert_array_equal(xm, x)
+  np.testing.assert_array_equal(dym, dy)
+  # A NaN first element means zero trips: the values still pass through.
+  dy_nan = dy.at[0, 0, 0, 0].set(jnp.nan)
+  xm, dym = jax.jit(layers._materialize)(x, dy_nan)
+  np.testing.assert_array_equal(xm, x)
+  np.testing.assert_array_equal(dym, dy_nan)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion")
+@pytest.mark.parametrize("mode,recomputed", [("lax", False), ("lax_fused", True)])
+def test_weight_gradient_inputs_are_not_recomputed_in_transposes(mode, recomputed,
+                                                                 monkeypatch):
+  # conv(relu(a * s + 1)): left alone, XLA fuses the ReLU (and the scale and
+  # shift) into the transposing copies of the weight gradient; the default
+  # mode makes them read a buffer instead.
+  monkeypatch.setitem(layers.OPTIONS, "conv_dw", mode)
+  a, w = _rand((4, 12, 12, 16), 11), _rand((3, 3, 16, 16), 12)
+
+  def loss(a, w, s):
+    return jnp.sum(layers.conv2d(jax.nn.relu(a * s + 1.0), w, (1, 1), "cpu") ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=1), compiler_options=layers.compiler_options(
+      "cpu")).lower(a, w, 2.0).compile().as_text()
+  blocks = hlo.split("\n\n")
+  fused = [b for b in blocks if "transpose(" in b and "maximum(" in b]
+  assert bool(fused) == recomputed, fused
