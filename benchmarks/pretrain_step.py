@@ -120,13 +120,12 @@ def worker(args) -> None:
     run()
   base = _rss_kib("VmRSS")
   _reset_peak_rss()
-  times = []
+  times, faults = [], []
   for _ in range(args.steps):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
+    _timed(run, times, faults)
   print("RESULT " + json.dumps({"peak_rss_mib": _rss_kib("VmHWM") / 1024,
-                                "rss_before_mib": base / 1024, "times": times}))
+                                "rss_before_mib": base / 1024, "times": times,
+                                "page_faults": faults}))
 
 
 def measure_memory(args, which: str, size: int) -> dict:

@@ -1,6 +1,6 @@
 """Backend-dependent formulations of the encoder's layers.
 
-A plain Flax ResNet-18 falls off four performance cliffs of XLA:CPU (JAX
+A plain Flax ResNet-18 falls off five performance cliffs of XLA:CPU (JAX
 0.10, measured on a 2-core machine; see ``benchmarks/RESULTS.md``):
 
 * YNNPACK convolutions: JAX 0.10's XLA:CPU hands convolutions to YNNPACK,
