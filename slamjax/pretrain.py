@@ -154,9 +154,17 @@ def _views(cfg, rng, pos, neg, two_views: bool = True):
   return pos_views, neg_views
 
 
-def _tree_cos(a, b):
-  dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  return dot / (optax.tree.norm(a) * optax.tree.norm(b) + 1e-20)
+def _task_grad_metrics(stacked_grads) -> dict:
+  """Cosine and norms of the two task gradients, from their Gram matrix.
+
+  ``surgery.gram_matrix`` issues the same per-leaf contractions as the
+  surgery transform, so XLA computes them once for both (no extra pass over
+  the gradients).
+  """
+  gram = surgery.gram_matrix(stacked_grads)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  return dict(grad_cos=gram[0, 1] / (norms[0] * norms[1] + 1e-20),
+              grad_norm_simclr=norms[0], grad_norm_sim=norms[1])
 
 
 def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
@@ -206,9 +214,7 @@ def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
       grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
           state.params, state.params, state.batch_stats, pos_views, neg_views)
       updates_in = jax.tree.map(lambda a, b: jnp.stack([a, b]), *grads)
-      extra = dict(grad_cos=_tree_cos(*grads),
-                   grad_norm_simclr=optax.tree.norm(grads[0]),
-                   grad_norm_sim=optax.tree.norm(grads[1]))
+      extra = _task_grad_metrics(updates_in)
     else:
       updates_in, aux = jax.grad(
           lambda p: loss_fn(p, p, state.batch_stats, pos_views, neg_views),

@@ -99,3 +99,20 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   steps = [int(l.split('"step": ')[1].split(",")[0])
            for l in open(os.path.join(kill_dir, "pretrain_metrics.jsonl"))]
   assert steps == sorted(set(steps)) and steps[-1] == len(steps)
+
+
+def test_task_grad_metrics_match_direct_cosine_and_norms():
+  import jax.numpy as jnp
+  from slamjax import pretrain
+  rng = np.random.default_rng(0)
+  g1 = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
+  g2 = {"a": rng.normal(size=(3, 4)), "b": -2.0 * g1["b"]}
+  stacked = {k: jnp.stack([jnp.asarray(g1[k], jnp.float32), jnp.asarray(g2[k], jnp.float32)])
+             for k in g1}
+  m = pretrain._task_grad_metrics(stacked)
+  v1 = np.concatenate([g1["a"].ravel(), g1["b"]])
+  v2 = np.concatenate([g2["a"].ravel(), g2["b"]])
+  np.testing.assert_allclose(float(m["grad_norm_simclr"]), np.linalg.norm(v1), rtol=1e-5)
+  np.testing.assert_allclose(float(m["grad_norm_sim"]), np.linalg.norm(v2), rtol=1e-5)
+  np.testing.assert_allclose(float(m["grad_cos"]),
+                             v1 @ v2 / (np.linalg.norm(v1) * np.linalg.norm(v2)), rtol=1e-5)
