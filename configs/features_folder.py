@@ -32,39 +32,32 @@ y, attention) to ``workdir/mil_<head>/attention/<slide_id>.csv``.
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from slamjax import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
   if arg not in (None, "", "quick"):
     raise ValueError(f"configs/features_folder.py takes no argument or 'quick', got {arg!r}")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  c.data = ml_collections.ConfigDict()
+  c = config_lib.defaults()
+  c.runner = "features"
   c.data.source = "features"
-  c.data.root = config_dict.placeholder(str)  # required: the feature folder
+  c.data.root = ""  # required: the feature folder
   # The slide CSV; a relative path not found from the current directory is
   # looked up inside data.root.
   c.data.manifest = "slides.csv"
-  c.data.label_columns = ""  # comma-separated; "" = every column but slide_id/split
+  c.data.label_columns = ()  # () = every column but slide_id/split
   c.data.test_fraction = 0.3  # only used when the CSV has no split column
   c.data.standardize = True  # z-score features with training-slide statistics
-  c.data.unlisted_files = "error"  # or "ignore": feature files not in the CSV
+  c.data.unlisted = "error"  # or "ignore": feature files not in the CSV
 
-  c.mil = ml_collections.ConfigDict()
-  c.mil.heads = ("abmil",)  # several: one results row each, folders mil_<head>
   c.mil.hidden_dim = 32 if quick else 128
   c.mil.attention_dim = 16 if quick else 64
-  c.mil.dropout = 0.0
   c.mil.epochs = 5 if quick else 50
   c.mil.batch_size = 4 if quick else 8
   c.mil.lr = 1e-3 if quick else 5e-4
-  c.mil.weight_decay = 1e-4
-  c.mil.checkpoint_every_epochs = 10
 
-  c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 10  # attention retrieval cut-off (needs "witness" in the files)
   c.eval.export_attention = True  # workdir/attention/<slide_id>.csv
   return c

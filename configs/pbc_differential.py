@@ -23,26 +23,16 @@ Quick smoke run (60 cells per class, 32 px, bags of 10, 1 epoch):
 full run pretrains a width-16 ResNet-18 for ~320 steps of 128 cells at 56 px.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _lymphocyte_config(arg):
-  # Shares everything but the bag plan with the sibling config.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pbc_lymphocyte.py")
-  spec = importlib.util.spec_from_file_location("_pbc_lymphocyte", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from slamjax import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
   if arg not in (None, "", "quick"):
     raise ValueError(f"configs/pbc_differential.py takes no argument or 'quick', got {arg!r}")
-  c = _lymphocyte_config(arg)
+  c = config_lib.load("pbc_lymphocyte", arg)
   c.data.max_per_class = 60 if quick else None
   c.bags.normal_classes = ("neutrophil", "lymphocyte", "monocyte",
                            "eosinophil", "basophil")

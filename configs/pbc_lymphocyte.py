@@ -22,106 +22,53 @@ Quick smoke run (80 cells per class, 32 px, bags of 10, 1 epoch):
 full run pretrains a width-16 ResNet-18 for ~200 steps of 128 cells at 56 px.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from slamjax import config as config_lib
+
 _PBC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                      "..", "..", "shared", "data", "pbc"))
-
-
-def _sibling_config(filename, arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
-  spec = importlib.util.spec_from_file_location("_slamjax_" + filename[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
   if arg not in (None, "", "quick"):
     raise ValueError(f"configs/pbc_lymphocyte.py takes no argument or 'quick', got {arg!r}")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = config_lib.defaults()
 
   # Cell pool: one folder per class (slamjax/data/folder.py).
-  c.data = ml_collections.ConfigDict()
   c.data.source = "folder"
   c.data.root = _PBC
   c.data.image_size = ml_collections.FieldReference(32 if quick else 64)
-  c.data.classes = None  # all class folders; bags pick theirs by name
-  c.data.manifest = None  # or "manifest.csv" (label, file columns)
-  c.data.dedup = False  # PBC is already de-duplicated
-  c.data.skip_bad_files = False
   c.data.max_per_class = 80 if quick else None
   c.data.num_workers = 2
 
-  # Bags: cells are split train/test first, then bagged per split.
-  c.bags = ml_collections.ConfigDict()
   c.bags.normal_classes = ("lymphocyte",)
   c.bags.abnormal_classes = ("ig", "erythroblast")
-  c.bags.normal_proportions = None
-  c.bags.witness_rate = 0.1
   c.bags.bag_size = 10 if quick else 50
   c.bags.bags_per_split = {"train": (2, 2) if quick else (6, 6),
                            "test": (2, 2) if quick else (6, 6)}
-  c.bags.split_fractions = None
-  c.bags.reuse_cells = False
-  c.bags.multi_label = False  # one label per abnormal class (configs/default.py)
-  c.bags.witness_classes_per_bag = ml_collections.config_dict.placeholder(int)
 
-  # On-device augmentations, as in the reference (crop, flip, jitter, rot90).
-  c.augment = ml_collections.ConfigDict()
   c.augment.crop_size = c.data.get_ref("image_size") * 7 // 8
-  c.augment.flip = True
-  c.augment.jitter_strength = 0.1
-  c.augment.jitter_prob = 0.8
-  c.augment.rot90_prob = 0.8
   c.augment.mean = (0.8556, 0.7294, 0.7165)  # PBC pixel statistics
   c.augment.std = (0.1744, 0.1983, 0.0860)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet18"
   c.model.width = 8 if quick else 16
   c.model.proj_dims = (64, 64) if quick else (512, 512)
-  c.model.impl = "auto"
-  c.model.head_norm = False
 
-  c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.surgery = "adaptive_pcgrad"
-  c.pretrain.surgery_granularity = "model"  # or "leaf": one surgery per tensor
-  c.pretrain.task_weights = (1.0, 1.0)  # (SimCLR, similarity)
-  # "slam", or "bag_label": the weakly supervised baseline (cells inherit
-  # their bag label; needs model.proj_dims ending in 1, embed.output="backbone").
-  c.pretrain.objective = "slam"
+  c.pretrain.task_weights = (1.0, 1.0)  # (SimCLR, similarity), as the reference
   c.pretrain.epochs = 1 if quick else 40
   c.pretrain.batch_size = 16 if quick else 128
-  c.pretrain.lr = 0.05
-  c.pretrain.momentum = 0.9
-  c.pretrain.weight_decay = 1e-4
   c.pretrain.warmup_epochs = 1 if quick else 4
-  c.pretrain.temperature = 0.07
-  c.pretrain.base_temperature = 0.07
   c.pretrain.checkpoint_every_steps = 2 if quick else 25
   c.pretrain.log_every_steps = 1 if quick else 5
 
-  c.embed = ml_collections.ConfigDict()
-  c.embed.batch_size = 256
-  c.embed.output = "projection"
-
-  # MIL head settings: those of configs/default.py (every head's keys), with
-  # smaller batches for the fewer bags here.
-  c.mil = _sibling_config("default.py", arg).mil
+  c.mil.dropout = 0.5
   c.mil.epochs = 2 if quick else 60
   c.mil.batch_size = 2 if quick else 4
 
-  c.eval = ml_collections.ConfigDict()
   c.eval.top_k = 1 if quick else 5  # = witnesses per positive bag at 10%
   c.eval.num_plot_bags = 2 if quick else 4
-  c.eval.export_features = False
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
   return c

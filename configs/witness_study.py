@@ -1,85 +1,79 @@
-r"""The SLAM-AGS witness-rate study on real PBC cells (issue: reproduce the paper).
+r"""The SLAM-AGS variants study on real PBC cells (issue 18).
 
-Pretraining methods x witness rates x seeds, each run the whole pipeline
-(pretrain -> embed -> ABMIL and PAMIL), on the ``pbc_differential`` bags:
-negative bags are a healthy white-cell differential, positive bags replace a
-fraction of it with immature granulocytes and erythroblasts.
+Pretraining methods x witness rates x seeds on lymphocyte-only negative bags
+(``pbc_lymphocyte``, as the paper's LYT bags); positive bags replace a
+fraction of the lymphocytes with immature granulocytes and erythroblasts.
+Every run is the whole pipeline (pretrain -> embed -> ABMIL) plus
+encoder-only measures on held-out cells (``slamjax/study/encoder_eval.py``).
 
-  python -m slamjax.main --config configs/witness_study.py --workdir /tmp/witness_study
+  nice -n 10 python -m slamjax.main --config configs/witness_study.py --workdir /tmp/slam_variants
 
-Every finished run is recorded in ``docs/results/witness_study/runs/`` and the
+Every finished run is recorded in ``docs/results/slam_variants/runs/`` and the
 tables and plots there are rebuilt after each run; rerunning the same command
-skips recorded runs and resumes an interrupted one, so the study (about 6
-hours on a 2-core CPU) is finished across sessions by running it again.
-Quick variant (2 methods, 1 witness rate, tiny bags, results in the workdir):
-``--config configs/witness_study.py:quick``. The paper-like variant, with
-negative bags of lymphocytes only (``pbc_lymphocyte``; the 7 methods, no
-ablations; results in ``docs/results/witness_study_lymphocyte/``):
+skips recorded runs and resumes an interrupted one (from its pretraining and
+MIL checkpoints), so the study is finished across sessions by running it
+again. Quick variant (PBC subset, tiny bags, 2 methods; results in the
+workdir; the tests use it): ``--config configs/witness_study.py:quick``.
 
-  python -m slamjax.main --config configs/witness_study.py:lymphocyte --workdir /tmp/ws_lym
-
-Choices, sized for ~6 h on this 2-core CPU (84 runs, ~4 min each):
-- Bags of 200 cells, so that 0.5% means 1 witness (10% -> 20, 5% -> 10,
-  1% -> 2). 12 negative + 12 positive bags per split; PBC has ~600
-  lymphocytes per split, so cells recur across bags of a split
-  (``reuse_cells``), never across splits.
-- 48 px images (42 px crops) and a width-16 ResNet-18: at 64 px a run would
-  cost ~1.8x more. 6 pretraining epochs (~230 steps of 128 cells).
-- MIL dropout 0.5: with 24 training bags the heads otherwise fit noise
-  (on simulated embeddings, test F1 0.69 -> 0.84 with dropout 0.5).
-- Everything else as the reference: temperatures 0.07, equal task weights,
-  projection-head embeddings, SGD momentum 0.9, weight decay 1e-4.
+Design (issue 18, item 2), sized for about 6 hours on this 2-core CPU:
+- 10 methods (``slamjax/study/methods.py``): random init, SimCLR, the
+  published SLAM-AGS (1:1, shared head, adaptive PCGrad), WeakSupCon,
+  PCGrad, and the variants per-task heads, repel, variance floor, low-sim
+  weight 0.1 and leaf surgery; witness rates 10, 5, 1, 0.5%; seeds 0, 1, 2.
+- Bags of 200 cells (0.5% = 1 witness), 100 negative + 100 positive bags per
+  split. PBC has ~607 lymphocytes per split, so cells recur across the bags
+  of a split (``reuse_cells``), never across splits.
+- Pretraining: one pass over the training bags' cells (312 steps of 128
+  cells, ~60 visits per distinct lymphocyte), no warm-up, lr 0.05, 48 px
+  images (42 px crops), width-16 ResNet-18, projection (512, 512).
+- One MIL head (ABMIL, dropout 0.25, 40 epochs) on the features the method
+  reads (``embed.output``) and again on the other features.
+- Encoder-only: linear-probe and kNN (k=20, cosine) AUC, witness vs normal,
+  fit on 600 + 600 train-split cells, scored on 600 + 600 held-out test-split
+  cells, on backbone and projection features.
 """
-
-import importlib.util
-import os
 
 import ml_collections
 
+from slamjax import config as config_lib
 
-def _base_config(name, arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_slamjax_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+METHODS = ("random_init", "simclr", "slam_ags", "weaksupcon", "pcgrad",
+           "per_task", "repel", "variance", "lowsim", "leaf")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
-  lymphocyte = arg == "lymphocyte"
-  if arg not in (None, "", "quick", "lymphocyte"):
-    raise ValueError("configs/witness_study.py takes no argument, 'quick' or "
-                     f"'lymphocyte', got {arg!r}")
-  # The paper-like variant: negative bags of lymphocytes only.
-  base = "pbc_lymphocyte" if lymphocyte else "pbc_differential"
-  c = _base_config(base, "quick" if quick else None)
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"configs/witness_study.py takes no argument or 'quick', got {arg!r}")
+  c = config_lib.load("pbc_lymphocyte", "quick" if quick else None)
+  c.runner = "study"
   c.data.image_size = 32 if quick else 48
+  c.augment.crop_size = 28 if quick else 42
   c.bags.bag_size = 20 if quick else 200
   c.bags.reuse_cells = True
   c.bags.multi_label = False  # one bag label, as the paper
-  c.bags.bags_per_split = {"train": (3, 3) if quick else (12, 12),
-                           "test": (2, 2) if quick else (12, 12)}
-  c.pretrain.epochs = 1 if quick else 6
-  c.pretrain.warmup_epochs = 1
+  c.bags.bags_per_split = {"train": (4, 4) if quick else (100, 100),
+                           "test": (4, 4) if quick else (100, 100)}
+  c.pretrain.epochs = 1
+  c.pretrain.warmup_epochs = 0  # one pass over the cells of 200 bags: 312 steps
   c.pretrain.log_every_steps = 1 if quick else 5
-  c.pretrain.checkpoint_every_steps = 2 if quick else 50
-  c.mil.heads = ("abmil", "pamil")
-  c.mil.dropout = 0.5  # 24 training bags: without it ABMIL memorises them
+  c.pretrain.checkpoint_every_steps = 5 if quick else 50
+  c.mil.heads = ("abmil",)
+  c.mil.dropout = 0.25
   c.mil.epochs = 2 if quick else 40
+  c.mil.batch_size = 4 if quick else 8
   c.eval.top_k = 2 if quick else 20  # 10% of a bag
-  c.eval.num_plot_bags = 0 if quick else 2
+  c.eval.num_plot_bags = 0
+  c.eval.linear_probe = False  # replaced by the study's encoder measures
 
-  c.study = ml_collections.ConfigDict()
-  c.study.witness_rates = (0.1,) if quick else (0.1, 0.05, 0.01, 0.005)
-  c.study.methods = (("random_init", "slam_ags") if quick else
-                     ("random_init", "simclr", "similarity", "weaksupcon", "pcgrad",
-                      "slam_ags", "bag_label")
-                     + (() if lymphocyte else  # ablations, added after the first 84 runs
-                        ("slam_ags_lowsim", "slam_ags_backbone")))
-  c.study.seeds = (0,) if quick else (0, 1, 2)
+  s = c.study
+  s.witness_rates = (0.1,) if quick else (0.1, 0.05, 0.01, 0.005)
+  s.methods = ("random_init", "slam_ags") if quick else METHODS
+  s.seeds = (0,) if quick else (0, 1, 2)
+  s.probe_cells_per_class = 40 if quick else 600
+  s.knn_k = 5 if quick else 20
+  s.bootstrap = 200 if quick else 1000
   # Relative to the current directory (run from the repository root); the
-  # quick variant writes into the workdir instead (empty = workdir/results).
-  c.study.results_dir = ("" if quick else "docs/results/witness_study_lymphocyte"
-                         if lymphocyte else "docs/results/witness_study")
+  # quick variant writes into the workdir instead ("" = workdir/results).
+  s.results_dir = "" if quick else "docs/results/slam_variants"
   return c

@@ -1,4 +1,4 @@
-r"""Command line entry point (kept thin; the logic is in ``slamjax.train``).
+r"""Command line entry point (kept thin; ``config.runner`` picks the work: slamjax.runners).
 
   python -m slamjax.main --config configs/default.py --workdir /tmp/slamjax
   python -m slamjax.main --config configs/default.py:quick --workdir /tmp/q \
@@ -30,14 +30,12 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  from slamjax import train
+  from slamjax import config as config_lib
+  from slamjax import runners
+  config_lib.validate(FLAGS.config)  # before any data is loaded
   print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
         f"{jax.default_backend()} device(s)", flush=True)
-  if "study" in FLAGS.config:  # many pipeline runs (configs/witness_study.py)
-    from slamjax import study
-    study.run_study(FLAGS.config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  runners.get(FLAGS.config.runner)(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from slamjax import config_check
+from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import embed
 from slamjax import evaluate
@@ -44,13 +44,13 @@ def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
       split_fractions=dict(b.split_fractions) if b.split_fractions else None,
       normal_proportions=tuple(b.normal_proportions) if b.normal_proportions else None,
       reuse_cells=b.reuse_cells,
-      witness_classes_per_bag=b.get("witness_classes_per_bag"))
+      witness_classes_per_bag=b.witness_classes_per_bag)
 
 
 def bag_tasks(cfg, pool) -> tuple[tuple[str, ...], list[int]] | None:
   """(task names, pool classes) when ``bags.multi_label``: one binary label
   per abnormal class ("the bag holds a cell of this class"); else None."""
-  if not cfg.bags.get("multi_label", False):
+  if not cfg.bags.multi_label:
     return None
   names = tuple(cfg.bags.abnormal_classes)
   return names, list(pool.class_index(names))
@@ -91,12 +91,7 @@ def linear_probe(train_x, train_y, test_x, test_y) -> dict:
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Runs or resumes the pipeline; writes results under ``workdir``."""
-  if cfg.data.source == "features":  # a folder of feature files: MIL head only
-    if not distributed.is_main_process():
-      return {}  # single-host work, done by process 0
-    from slamjax.features import pipeline as features_pipeline
-    return features_pipeline.train_and_evaluate_features(cfg, workdir)
-  config_check.validate(cfg)
+  config_lib.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   main_process = distributed.is_main_process()  # the only one writing files
   if main_process:
@@ -134,7 +129,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if not main_process:  # the MIL head, evaluation and reports: process 0 only
     return {}
 
-  if cfg.eval.get("export_features", False):  # raw embeddings, HDF5 per bag
+  if cfg.eval.export_features:  # raw embeddings, HDF5 per bag
     from slamjax.features import export as features_export
     features_export.export_embeddings(workdir, pool, bags, emb)
 
@@ -169,7 +164,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   show = list(pos[:cfg.eval.num_plot_bags])
   for r in runs:
     out = r.outputs["test"]
-    if cfg.eval.get("export_features", False):
+    if cfg.eval.export_features:
       features_export.export_bag_attention(r.workdir, pool, test, "test", out["attention"],
                                            out.get("task_attention"))
     if show:
@@ -181,7 +176,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           [f"{r.name}: bag {i} p={probs[i]:.2f}\n{int(test.witness[i].sum())} witnesses"
            for i in show])
 
-  if cfg.eval.get("linear_probe", True):
+  if cfg.eval.linear_probe:
     tr_x, te_x = np.concatenate(emb["train"]), np.concatenate(emb["test"])
     tr_y, te_y = np.concatenate(train.witness), np.concatenate(test.witness)
     tr_c, te_c = train.all_cells(), test.all_cells()

@@ -366,7 +366,7 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
       problem files are listed together.
   """
   if unlisted_files not in ("error", "ignore"):
-    raise FeatureDataError(f"config.data.unlisted_files={unlisted_files!r}; "
+    raise FeatureDataError(f"config.data.unlisted={unlisted_files!r}; "
                            "valid: 'error', 'ignore'")
   if not root:
     raise FeatureDataError("config.data.root is not set: pass the feature folder, "
@@ -390,7 +390,7 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
     raise FeatureDataError(
         f"{len(extra)} feature file(s) in {root} have no row in {path}: "
         f"{_listing(extra)}; add them to the CSV, remove them, or set "
-        "--config.data.unlisted_files=ignore")
+        "--config.data.unlisted=ignore")
   arrays, problems = [], []
   for s in slide_ids:
     try:

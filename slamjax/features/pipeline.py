@@ -1,6 +1,6 @@
 r"""Features mode: train and evaluate a MIL head on a folder of feature files.
 
-What ``python -m slamjax.main`` runs when ``config.data.source == "features"``
+What ``python -m slamjax.main`` runs for ``config.runner == "features"``
 (see ``configs/features_folder.py``): load and check the folder
 (:mod:`slamjax.features.dataset`), split the slides (the CSV's ``split``
 column, else a stratified random split), standardise with training-slide
@@ -35,52 +35,13 @@ import time
 
 import numpy as np
 
-from slamjax import config_check
+from slamjax import config as config_lib
+from slamjax import distributed
 from slamjax import evaluate
 from slamjax import report
 from slamjax.features import dataset as dataset_lib
 from slamjax.features import export
 from slamjax.mil import multihead
-
-# Allowed keys of a features-mode config (image-pipeline sections such as
-# bags/augment/model/pretrain do not apply and are rejected).
-SCHEMA = {
-    "": {"seed", "data", "mil", "eval"},
-    "data": {"source", "root", "manifest", "label_columns", "test_fraction",
-             "standardize", "unlisted_files"},
-    "mil": None,  # head-specific keys; validated by the head registry
-    "eval": {"top_k", "export_attention"},
-}
-
-
-def validate(cfg) -> None:
-  """Raises ValueError on unknown keys or out-of-range values."""
-  for section, allowed in SCHEMA.items():
-    node = cfg if not section else cfg.get(section)
-    if node is None:
-      raise ValueError(f"config.{section} is missing (features mode needs "
-                       f"{sorted(SCHEMA[''])})")
-    if allowed is None:
-      continue
-    unknown = sorted(set(node.keys()) - allowed)
-    if unknown:
-      prefix = f"config.{section}." if section else "config."
-      raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]} for "
-                       f"data.source='features'; valid keys: {sorted(allowed)}")
-  if cfg.data.source != "features":
-    raise ValueError(f"config.data.source={cfg.data.source!r}; features mode needs "
-                     "'features'")
-  if cfg.data.unlisted_files not in ("error", "ignore"):
-    raise ValueError(f"config.data.unlisted_files={cfg.data.unlisted_files!r}; "
-                     "valid: 'error', 'ignore'")
-  config_check._range(cfg, "data.test_fraction", cfg.data.test_fraction, 0, 1,
-                      lo_open=True, hi_open=True)
-  config_check._range(cfg, "mil.epochs", cfg.mil.epochs, 1, float("inf"), integer=True)
-  config_check._range(cfg, "mil.batch_size", cfg.mil.batch_size, 1, float("inf"),
-                      integer=True)
-  config_check._range(cfg, "eval.top_k", cfg.eval.top_k, 1, float("inf"), integer=True)
-  multihead.head_names(cfg.mil)
-
 
 def _instances_first(a, n: int) -> np.ndarray:
   """A bag's attention as [N] or [N, H] (heads giving [H, N] are transposed)."""
@@ -163,15 +124,20 @@ def _write_results(workdir: str, results: dict) -> str:
 
 def train_and_evaluate_features(cfg, workdir: str) -> dict:
   """Runs or resumes features mode; writes results under ``workdir``."""
-  validate(cfg)
+  config_lib.validate(cfg)
+  if not distributed.is_main_process():
+    return {}  # single-host work, done by process 0
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   timing = {}
   t0 = time.perf_counter()
   d = cfg.data
+  if not d.root:
+    raise ValueError("config.data.root is empty; features mode needs the feature folder, "
+                     "e.g. --config.data.root=/path/to/features")
   ds = dataset_lib.load_feature_folder(d.root, d.manifest, d.label_columns or None,
-                                       d.unlisted_files)
+                                       d.unlisted)
   split_idx = ds.split_indices(d.test_fraction, cfg.seed)
   timing["data"] = time.perf_counter() - t0
   print(f"features: {ds.num_slides} slides, dim {ds.dim}, labels {list(ds.label_columns)}; "

@@ -44,9 +44,6 @@ def head_names(mil_cfg) -> tuple[str, ...]:
   ('abmil', 'asmil', 'pamil')
   """
   get = mil_cfg.get if hasattr(mil_cfg, "get") else dict(mil_cfg).get
-  if get("head") is not None:  # the single-head key of older configs
-    raise ValueError(f"config.mil.head={get('head')!r} is replaced by config.mil.heads "
-                     f"(a list of heads), e.g. --config.mil.heads={get('head')}")
   raw = get("heads")
   if isinstance(raw, str):
     raw = (raw,)

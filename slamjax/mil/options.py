@@ -1,6 +1,6 @@
-"""Defaults of every ``config.mil`` key, filled in for partial configs.
+"""Defaults of every ``config.mil`` key (from the base config), for partial configs.
 
-``resolve(cfg)`` returns a new unlocked ConfigDict: the defaults below,
+``resolve(cfg)`` returns a new unlocked ConfigDict: the defaults,
 overridden by whatever ``cfg`` sets (``None`` keeps the default, so
 ``ml_collections.config_dict.placeholder`` fields work). Head-specific
 sections live under ``pamil``, ``asmil`` and ``mecds``; ``None`` there means
@@ -19,55 +19,16 @@ import copy
 
 import ml_collections
 
-DEFAULTS = dict(
-    head="abmil",                # any name in slamjax.mil.heads.HEADS
-    hidden_dim=128,
-    attention_dim=64,
-    dropout=0.0,
-    epochs=60,
-    batch_size=8,
-    lr=5e-4,
-    weight_decay=1e-4,
-    optimizer="adam",            # "adam": L2 added before Adam (torch Adam); "adamw"
-    grad_clip=0.0,               # global-norm clip; 0 = off (ASMIL/DTFD use 5)
-    schedule="constant",         # or "cosine" (per step, to 0; the ACMIL family)
-    min_len=16,                  # smallest padding bucket
-    buckets_per_octave=4,        # bucket sizes per power of two (1: powers of two)
-    checkpoint_every_epochs=10,
-    aem_weight=0.0,              # AEM lambda for any head; head "aem" uses 0.1 if 0
-    aem_top_k=0,                 # 0 = full entropy; k > 0 = the top-k variant
-    aem_schedule="constant",     # or "cosine" decay to 0
-    stability_bags=8,            # training bags whose attention is tracked per epoch
-    pamil=dict(
-        variant="slamags",       # or "official"
-        num_protos=10,
-        proto_pred=True,         # prototype branch (needed for the ER loss)
-        proto_weight=0.5,
-        er_weight=None,          # None: variant default (0.1 / 0.5)
-        clst_weight=None,        # (0.005 / 0.5)
-        proto_clst_weight=None,  # (0.005 / 0.2)
-        inst_weight=0.0,         # CLAM-style instance loss (0.5 in the references)
-        k_sample=8,
-        proto_init=None,         # "random" | "kmeans"; None: slamags random, official kmeans
-        freeze_protos=None,      # None: official frozen, slamags trainable
-    ),
-    asmil=dict(
-        n_token=16, n_drop=10, num_heads=8, dropout=0.1,
-        temperature=0.5,         # NSF tau of the anchor attention
-        kd_weight=1.0,
-        kd_reduction="kl_per_row",   # or "reference_mean"
-        anchor="ema",            # or "frozen_random" (the released code)
-        anchor_decay=0.999,
-    ),
-    mecds=dict(
-        num_layers=2, num_heads=8, top_p=0.5,
-        instance_attention="full",   # or "none" (no N x N; for huge bags)
-        kd_weight=1.0,               # lambda of the AKD term (student phase)
-        akd_temperature=2.0, gamma_pos=1.0, gamma_neg=4.0, alpha=0.2,
-        teacher_epochs=None,         # None: same as epochs
-        student_init="teacher",      # or "fresh" (see slamjax/mil/mecds.py)
-    ),
-)
+
+def _defaults() -> dict:
+  """``config.mil`` of the base config, as one head's settings."""
+  from slamjax.config import base  # the one place defaults are written
+  d = base.get_config().mil.to_dict()
+  d.pop("heads")
+  return dict(head="abmil", **d)  # any name in slamjax.mil.heads.HEADS
+
+
+DEFAULTS = _defaults()
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -9,7 +9,8 @@ MODULES = [
     "slamjax.losses", "slamjax.data.augment", "slamjax.data.batching",
     "slamjax.data.bags", "slamjax.data.synthetic", "slamjax.data.pool",
     "slamjax.sharding", "slamjax.checkpoint", "slamjax.progress",
-    "slamjax.evaluate", "slamjax.report", "slamjax.config_check",
+    "slamjax.evaluate", "slamjax.report", "slamjax.config",
+    "slamjax.config.base", "slamjax.config.load", "slamjax.config.validate", "slamjax.runners",
 ]  # pretrain/embed examples compile the encoder; the pipeline tests cover them.
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from slamjax import config_check
+from slamjax import config as config_lib
 from slamjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,7 +106,7 @@ def test_out_of_range_values_name_the_field(field, value, match):
   section, key = field.split(".")
   cfg[section][key] = value
   with pytest.raises(ValueError, match=match):
-    config_check.validate(cfg)
+    config_lib.validate(cfg)
 
 
 def test_unknown_key_in_config_file_is_rejected():
@@ -114,7 +114,7 @@ def test_unknown_key_in_config_file_is_rejected():
   cfg.pretrain.unlock()
   cfg.pretrain.epoch = 3
   with pytest.raises(ValueError, match=r"config.pretrain.epoch"):
-    config_check.validate(cfg)
+    config_lib.validate(cfg)
 
 
 def test_plan_needing_more_cells_than_exist_fails_before_training(tmp_path):

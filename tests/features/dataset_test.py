@@ -110,7 +110,7 @@ def test_slide_in_csv_without_file_and_file_without_row(tmp_path, fx):
   np.save(root / "s2.npy", np.ones((2, 3), np.float32))
   np.save(root / "extra_slide.npy", np.ones((2, 3), np.float32))
   msg = _expect(root, r"1 feature file\(s\) in .* have no row in .*slides.csv")
-  assert "extra_slide.npy" in msg and "unlisted_files=ignore" in msg
+  assert "extra_slide.npy" in msg and "unlisted=ignore" in msg
   assert dataset.load_feature_folder(str(root), unlisted_files="ignore").num_slides == 4
 
 

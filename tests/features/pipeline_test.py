@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from configs import features_folder
+from slamjax import config as config_lib
 from slamjax import evaluate
+from slamjax import runners
 from slamjax import train
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
@@ -106,10 +108,11 @@ def test_round_trip_export_then_features_matches_direct_training(tmp_path):
                      "split": "train"}
   assert len(rows) == 14 and rows[8]["slide_id"] == "test_0000"
 
-  # Features mode through the main pipeline's dispatch, same MIL config and seed.
+  # Features mode through the runner registry, same MIL config and seed.
+  cfg.runner, cfg.data.source = "features", "features"
   cfg.data.root = folder
   wd = str(tmp_path / "features_run")
-  res = train.train_and_evaluate(cfg, wd)["heads"]["abmil"]
+  res = runners.get(cfg.runner)(cfg, wd)["heads"]["abmil"]
   wd = os.path.join(wd, "mil_abmil")
   preds = [p for p in _read_csv(os.path.join(wd, "predictions.csv")) if p["split"] == "test"]
   got = np.array([float(p["prob_label"]) for p in preds], np.float32)
@@ -179,20 +182,20 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
 
 def test_features_config_errors():
   cfg = features_folder.get_config("quick")
-  with pytest.raises(FeatureDataError, match=r"config.data.root is not set"):
-    train.train_and_evaluate(cfg, "/nonexistent/never/written")
-  cfg.unlock()
-  cfg.pretrain = {"epochs": 1}
-  with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['config.pretrain'\]"):
-    pipeline.validate(cfg)
+  with pytest.raises(ValueError, match=r"config.data.root is empty"):
+    pipeline.train_and_evaluate_features(cfg, "/nonexistent/never/written")
   cfg = features_folder.get_config()
   cfg.data.test_fraction = 1.0
   with pytest.raises(ValueError, match=r"config.data.test_fraction=1.0 is outside"):
-    pipeline.validate(cfg)
+    config_lib.validate(cfg)
   cfg = features_folder.get_config()
-  cfg.data.unlisted_files = "skip"
-  with pytest.raises(ValueError, match=r"unlisted_files='skip'"):
-    pipeline.validate(cfg)
+  cfg.data.unlisted = "skip"
+  with pytest.raises(ValueError, match=r"config.data.unlisted='skip'"):
+    config_lib.validate(cfg)
+  cfg = features_folder.get_config()
+  cfg.data.source = "folder"  # the features runner reads feature files only
+  with pytest.raises(ValueError, match=r"config.data.source='folder'.*'features'"):
+    config_lib.validate(cfg)
   with pytest.raises(ValueError, match="'quick'"):
     features_folder.get_config("fast")
 

@@ -49,11 +49,6 @@ def test_bad_heads_name_the_field(heads_value, match):
     multihead.head_names({"heads": heads_value})
 
 
-def test_old_single_head_key_is_rejected():
-  with pytest.raises(ValueError, match=r"config.mil.head='asmil' is replaced by config.mil.heads"):
-    multihead.head_names({"head": "asmil", "heads": ("abmil",)})
-
-
 def test_multi_labels_and_metrics():
   pool = np.array([0] * 400 + [1] * 40 + [2] * 40)
   plan = bags_lib.BagPlan(normal_classes=(0,), abnormal_classes=(1, 2), witness_rate=0.2,

@@ -1,0 +1,117 @@
+"""Checks a config before any work starts: keys, names and ranges.
+
+Every key must exist in the base config (:mod:`slamjax.config.base`); every
+name (runner, data source, surgery method, MIL head, objective) must be in
+its registry; numbers must be in range. Errors name the field, the value and
+what would be valid, and come before any data is loaded.
+
+Example:
+  >>> from slamjax import config
+  >>> cfg = config.load("default", "quick")
+  >>> cfg.bags.witness_rate = 1.5
+  >>> config.validate(cfg)
+  Traceback (most recent call last):
+  ...
+  ValueError: config.bags.witness_rate=1.5 is outside the valid range (0, 1]
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from slamjax.config import base as base_lib
+
+# Fields whose value is a free-form mapping (class -> count, split -> counts).
+FREE_FORM = {"data.num_per_class", "bags.bags_per_split", "bags.split_fractions",
+             "pretrain.surgery_kwargs"}
+
+
+def _unknown_keys(node, ref, prefix: str) -> None:
+  for key in node.keys():
+    path = f"{prefix}{key}"
+    if key not in ref:
+      close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+      hint = f"; did you mean config.{prefix}{close[0]}?" if close else ""
+      raise ValueError(f"Unknown config key config.{path}{hint} Valid keys of "
+                       f"config.{prefix[:-1] or ''}: {sorted(ref.keys())}".replace(
+                           "config.:", "config:"))
+    sub, ref_sub = node[key], ref[key]
+    if path not in FREE_FORM and isinstance(ref_sub, ml_collections.ConfigDict):
+      if not isinstance(sub, ml_collections.ConfigDict):
+        raise ValueError(f"config.{path} must be a section (ConfigDict), got {sub!r}")
+      _unknown_keys(sub, ref_sub, path + ".")
+
+
+def _range(path, value, lo, hi, lo_open=False, hi_open=False, integer=False):
+  bad = (integer and int(value) != value) or value < lo or value > hi or (
+      lo_open and value == lo) or (hi_open and value == hi)
+  if bad:
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    kind = "an integer in " if integer else ""
+    raise ValueError(f"config.{path}={value!r} is outside the valid range "
+                     f"{kind}{lb}{lo}, {hi}{rb}")
+
+
+def _choice(path, value, valid) -> None:
+  if value not in valid:
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config.{path}={value!r} is not valid{hint}; valid: {sorted(valid)}")
+
+
+def _names(cfg) -> None:
+  """Every name the config uses, checked against its registry."""
+  from slamjax import runners  # registries import heavier modules: only here
+  from slamjax import surgery
+  from slamjax.data import sources
+  from slamjax.mil import multihead
+  _choice("runner", cfg.runner, runners.RUNNERS)
+  valid_sources = {"features": ("features",), "slides": ("slides",)}.get(
+      cfg.runner, tuple(sources.SOURCES))
+  _choice("data.source", cfg.data.source, valid_sources)
+  _choice("pretrain.surgery", cfg.pretrain.surgery, surgery.names())
+  _choice("pretrain.surgery_granularity", cfg.pretrain.surgery_granularity,
+          ("model", "leaf"))
+  _choice("pretrain.objective", cfg.pretrain.objective, ("slam", "bag_label"))
+  _choice("embed.output", cfg.embed.output, ("projection", "backbone"))
+  _choice("data.unlisted", cfg.data.unlisted, ("error", "ignore"))
+  multihead.head_names(cfg.mil)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on unknown keys, unknown names or out-of-range values."""
+  _unknown_keys(cfg, base_lib.get_config(), "")
+  _names(cfg)
+  inf = float("inf")
+  b = cfg.bags
+  _range("bags.witness_rate", b.witness_rate, 0, 1, lo_open=True)
+  _range("bags.bag_size", b.bag_size, 1, inf, integer=True)
+  for split, counts in b.bags_per_split.items():
+    if len(counts) != 2 or min(counts) < 0:
+      raise ValueError(f"config.bags.bags_per_split.{split}={counts} must be "
+                       "(num_negative >= 0, num_positive >= 0)")
+  p = cfg.pretrain
+  _range("pretrain.epochs", p.epochs, 0, inf, integer=True)
+  _range("pretrain.batch_size", p.batch_size, 2, inf, integer=True)
+  _range("pretrain.lr", p.lr, 0, inf)
+  _range("pretrain.temperature", p.temperature, 0, inf, lo_open=True)
+  _range("pretrain.warmup_epochs", p.warmup_epochs, 0, inf, integer=True)
+  _range("pretrain.checkpoint_every_steps", p.checkpoint_every_steps, 1, inf, integer=True)
+  _range("pretrain.log_every_steps", p.log_every_steps, 1, inf, integer=True)
+  if len(p.task_weights) != 2:
+    raise ValueError(f"config.pretrain.task_weights={tuple(p.task_weights)} needs two "
+                     "weights: (SimCLR, similarity)")
+  a = cfg.augment
+  _range("augment.crop_size", a.crop_size, 8, cfg.data.image_size, integer=True)
+  _range("augment.jitter_prob", a.jitter_prob, 0, 1)
+  _range("augment.rot90_prob", a.rot90_prob, 0, 1)
+  _range("model.width", cfg.model.width, 1, inf, integer=True)
+  _range("mil.epochs", cfg.mil.epochs, 1, inf, integer=True)
+  _range("mil.batch_size", cfg.mil.batch_size, 1, inf, integer=True)
+  _range("eval.top_k", cfg.eval.top_k, 1, inf, integer=True)
+  _range("eval.folds", cfg.eval.folds, 1, inf, integer=True)
+  _range("data.test_fraction", cfg.data.test_fraction, 0, 1, lo_open=True, hi_open=True)
+  for name in cfg.eval.baselines:
+    _choice("eval.baselines", name, ("simclr", "random_init"))
