@@ -88,8 +88,3 @@ def take_batch(mesh, source, rows):
         shape, sharding, lambda idx: np.asarray(source[r[idx[0]]])[(slice(None),) + idx[1:]])
 
   return jax.tree.map(put, rows)
-
-
-def replicate(mesh, tree):
-  """Places a host pytree replicated on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))

@@ -11,8 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 import numpy as np
@@ -45,24 +43,3 @@ def stability_series(snapshots: Sequence[Sequence[np.ndarray]]) -> list[float]:
     out.append(attention_jsd(prev, snap))
     prev = snap
   return out
-
-
-def read_metrics(workdir: str, phase: str | None = None) -> list[dict]:
-  """Per-epoch records of ``workdir/mil_metrics.jsonl`` (optionally one phase)."""
-  path = os.path.join(workdir, "mil_metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    recs = [json.loads(l) for l in f if l.strip()]
-  return [r for r in recs if phase is None or r["phase"] == phase]
-
-
-def stability_summary(workdir: str, last_k: int = 5) -> dict:
-  """Mean attention JSD over the first epoch and the last ``last_k`` epochs of
-  the final training phase (``train`` or ``student``)."""
-  recs = read_metrics(workdir, "train") or read_metrics(workdir, "student")
-  if not recs:
-    return {}
-  jsd = [r["attention_jsd"] for r in recs]
-  return {"phase": recs[-1]["phase"], "epochs": len(jsd), "first_epoch_jsd": jsd[0],
-          f"last{last_k}_mean_jsd": float(np.mean(jsd[-last_k:]))}

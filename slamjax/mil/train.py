@@ -75,10 +75,6 @@ def _as_2d(labels):
   return labels[:, None] if labels.ndim == 1 else labels
 
 
-def _num_tasks(labels) -> int:
-  return _as_2d(labels).shape[1]
-
-
 def build_tx(cfg, total_steps: int | None = None, param_labels=None):
   """Optimizer from ``cfg``: adam (L2 before Adam, as torch Adam) or adamw,
   optional global-norm clipping and cosine schedule; ``param_labels``
@@ -334,8 +330,8 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
   if verbose:
     writer = progress_lib.create_writer(os.path.join(
         workdir, "tb", "mil" if phase == "train" else f"mil_{ckpt_name}"))
-  prog = progress_lib.Progress(f"mil/{phase}", epochs, max(1, epochs // 10), start,
-                               unit="epochs")
+  prog = progress_lib.Progress(f"mil/{cfg.head}" + ("" if phase == "train" else f"/{phase}"),
+                               epochs, max(1, epochs // 10), start, unit="epochs")
   probe = list(bags[:cfg.stability_bags])
   prev = _attention(cfg, apply_fn, state.params, probe) if start > 0 else [None] * len(probe)
   base_key = jax.random.PRNGKey(seed + 7)

@@ -1,0 +1,228 @@
+"""Cross-validation results: metric tables (per fold, mean ± std), the
+out-of-fold predictions CSV, one ROC plot with every fold, attention galleries.
+
+Example:
+  >>> import numpy as np
+  >>> m = task_metrics(np.array([[0.], [1.], [1.], [0.]]),
+  ...                  np.array([[.2], [.7], [.4], [.1]]), [0.3], ("label",))
+  >>> m["label"]["auc"], m["label"]["balanced_accuracy"]
+  (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from slamjax import evaluate  # noqa: E402
+from slamjax import report  # noqa: E402
+
+METRICS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
+
+
+def task_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, task_names) -> dict:
+  """Per task: AUC, balanced accuracy, F1, sensitivity, specificity at the
+  threshold chosen on the training slides."""
+  out = {}
+  for t, name in enumerate(task_names):
+    m = evaluate.bag_metrics(labels[:, t], probs[:, t], thresholds[t])
+    m["balanced_accuracy"] = float(np.nanmean([m["sensitivity"], m["specificity"]]))
+    m["threshold"] = float(thresholds[t])
+    out[name] = m
+  return out
+
+
+def collapse_summary(cfg, workdir: str) -> dict | None:
+  """Whether pretraining collapsed the projection (None without pretraining)."""
+  path = os.path.join(workdir, "pretrain_collapse.json")
+  if cfg.pretrain.epochs == 0 or not os.path.exists(path):
+    return None
+  return json.load(open(path))
+
+
+def write_predictions(path: str, slide_ids, task_names, probs: dict, thresholds: dict,
+                      extra: dict | None = None) -> None:
+  """One row per slide and head: probability, threshold and predicted label per task."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["slide_id", *(extra or {}), "head",
+                *[f"{k}_{t}" for t in task_names for k in ("prob", "threshold", "predicted")]])
+    for head, p in probs.items():
+      for j, sid in enumerate(slide_ids):
+        row = [sid, *[v[j] for v in (extra or {}).values()], head]
+        for t in range(len(task_names)):
+          thr = thresholds[head][t]
+          row += [f"{float(p[j][t]):.6f}", f"{thr:.6f}", int(p[j][t] >= thr)]
+        w.writerow(row)
+
+
+def _mean_std(values) -> str:
+  v = np.asarray([x for x in values if x == x], float)
+  if not len(v):
+    return "nan"
+  return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def summary_rows(records: dict, task_names) -> list[dict]:
+  """One row per method, head and task: mean ± std over folds of every metric."""
+  rows = []
+  for method, recs in records.items():
+    for head in recs[0]["heads"]:
+      for task in task_names:
+        per_fold = [r["heads"][head]["metrics"][task] for r in recs]
+        row = {"encoder": method, "head": head}
+        if len(task_names) > 1:
+          row["task"] = task
+        row.update({m: _mean_std([p[m] for p in per_fold]) for m in METRICS})
+        row["collapsed folds"] = f"{sum(bool((r.get('collapse') or {}).get('collapsed')) for r in recs)}/{len(recs)}"
+        rows.append(row)
+  return rows
+
+
+def fold_rows(records: dict, task_names) -> list[dict]:
+  rows = []
+  for method, recs in records.items():
+    for r in recs:
+      for head, h in r["heads"].items():
+        for task in task_names:
+          m = h["metrics"][task]
+          row = {"encoder": method, "fold": r["fold"], "head": head}
+          if len(task_names) > 1:
+            row["task"] = task
+          row.update({k: m[k] for k in METRICS})
+          row["threshold"] = m["threshold"]
+          row["collapsed"] = "yes" if (r.get("collapse") or {}).get("collapsed") else "no"
+          rows.append(row)
+  return rows
+
+
+def write_oof(path: str, cohort, records: list[dict]) -> None:
+  """Out-of-fold predictions: every labelled slide once, from the fold that held it out."""
+  index = {s: i for i, s in enumerate(cohort.slide_ids)}
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    names = cohort.task_names
+    w.writerow(["slide_id", "patient_id", "fold", "head",
+                *[f"{k}_{t}" for t in names for k in ("label", "prob", "threshold",
+                                                      "predicted")]])
+    for r in records:
+      for head, h in r["heads"].items():
+        for j, sid in enumerate(r["test_slides"]):
+          i = index[sid]
+          row = [sid, cohort.patient_ids[i], r["fold"], head]
+          for t in range(len(names)):
+            p, thr = h["prob"][j][t], h["thresholds"][t]
+            row += [int(cohort.labels[i, t]), f"{p:.6f}", f"{thr:.6f}", int(p >= thr)]
+          w.writerow(row)
+
+
+def plot_roc(path: str, cohort, records: list[dict], head: str) -> None:
+  """One panel per task, one ROC curve per fold (held-out slides)."""
+  from sklearn.metrics import roc_curve
+  names = cohort.task_names
+  index = {s: i for i, s in enumerate(cohort.slide_ids)}
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+  for t, name in enumerate(names):
+    ax = axes[0, t]
+    aucs = []
+    for r in records:
+      y = np.array([cohort.labels[index[s], t] for s in r["test_slides"]])
+      p = np.array([row[t] for row in r["heads"][head]["prob"]])
+      auc = r["heads"][head]["metrics"][name]["auc"]
+      if len(np.unique(y)) < 2:
+        continue
+      fpr, tpr, _ = roc_curve(y, p)
+      ax.plot(fpr, tpr, lw=1.2, label=f"{r['fold']} (AUC {auc:.2f})")
+      aucs.append(auc)
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"{name}: {head}, AUC {np.mean(aucs):.2f} ± {np.std(aucs):.2f}"
+                 if aucs else name, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_galleries(out_dir: str, cohort, records: list[dict], head: str, per_fold: int,
+                   top: int = 8) -> None:
+  """Top-attention cells of held-out slides (positives first), one PNG per fold."""
+  os.makedirs(out_dir, exist_ok=True)
+  index = {s: i for i, s in enumerate(cohort.slide_ids)}
+  for r in records:
+    order = sorted(range(len(r["test_slides"])),
+                   key=lambda j: -np.nan_to_num(cohort.labels[index[r["test_slides"][j]]]).max())
+    show = order[:per_fold]
+    if not show:
+      continue
+    slides = [index[r["test_slides"][j]] for j in show]
+    att = [np.asarray(r["heads"][head]["attention"][j]) for j in show]
+    images = [cohort.images[cohort.cells[i]] for i in slides]
+    witness = [cohort.witness[i] if cohort.witness is not None else np.zeros(len(a), bool)
+               for i, a in zip(slides, att)]
+    titles = [f"{cohort.slide_ids[i]}\nlabel {cohort.labels[i].astype(int).tolist()} "
+              f"p={max(r['heads'][head]['prob'][j]):.2f}" for i, j in zip(slides, show)]
+    report.plot_attention(os.path.join(out_dir, f"{r['method']}_{r['fold']}.png"), images, att,
+                          witness, titles, top=top)
+
+
+def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dict,
+                    skipped=()) -> dict:
+  """Writes metrics.json, results.md, oof_predictions.csv, roc.png and the
+  galleries; returns the summary dict."""
+  names = cohort.task_names
+  main = records["slam_ags"]
+  head = next(iter(main[0]["heads"]))  # the first head of config.mil.heads
+  summary = summary_rows(records, names)
+  results = {"num_slides": len(cohort.slide_ids), "num_cells": int(len(cohort.images)),
+             "tasks": list(names), "folds": [f["name"] for f in folds],
+             "summary": summary, "per_fold": fold_rows(records, names),
+             "timing_s": {k: round(v, 1) for k, v in timing.items()},
+             "skipped_files": list(skipped)}
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  write_oof(os.path.join(workdir, "oof_predictions.csv"), cohort, main)
+  plot_roc(os.path.join(workdir, "roc.png"), cohort, main, head)
+  plot_galleries(os.path.join(workdir, "galleries"), cohort, main, head,
+                 cfg.eval.num_plot_bags, top=min(8, cfg.eval.top_k))
+  md = ["# slamjax results: your own slides", "",
+        cohort.summary(), "",
+        f"{len(folds)} fold(s), grouped by patient; thresholds chosen on each fold's "
+        "training slides (Youden's J); metrics on its held-out slides, mean ± std over "
+        "folds.", "",
+        "## Cross-validation", "", report.markdown_table(summary, list(summary[0])), ""]
+  collapsed = [r for recs in records.values() for r in recs
+               if (r.get("collapse") or {}).get("collapsed")]
+  if collapsed:
+    md += [f"**Warning: pretraining collapsed the projection in {len(collapsed)} fold "
+           "run(s)** (marked above); their embeddings carry little information. "
+           "See docs/slides.md for the variants that avoid it.", ""]
+  fr = results["per_fold"]
+  md += ["## Per fold", "", report.markdown_table(fr, list(fr[0])), "",
+         "Files: `oof_predictions.csv` (out-of-fold predictions), `roc.png`, "
+         "`galleries/` (top-attention cells of held-out slides)"
+         + (", `final/` (the model for `python -m slamjax.predict`)"
+            if cfg.eval.final_model else "") + ".", ""]
+  if skipped:
+    md += [f"## Skipped files ({len(skipped)}, `data.skip_bad_files`)", "",
+           *[f"- `{p}`" for p in skipped], ""]
+  md += ["## Wall time", "", report.markdown_table(
+      [{k: _fmt_s(v) for k, v in timing.items()}], list(timing)), ""]
+  text = "\n".join(md)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  return results
+
+
+def _fmt_s(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"

@@ -1,0 +1,161 @@
+r"""The ``slides`` runner: cross-validate SLAM-AGS on your own slides, then train
+the final model that :mod:`slamjax.predict` uses on new patients.
+
+  python -m slamjax.main --config configs/slides.py \
+      --config.data.root=/path/to/cohort --workdir /tmp/my_cohort
+
+For every fold (patient-grouped, stratified; :mod:`slamjax.slides.folds`):
+pretrain on the fold's training slides, embed, train the MIL heads, choose
+thresholds on the training slides and score the held-out slides. A finished
+fold is recorded atomically in ``folds/<fold>/record.json``; a killed run
+resumes at the fold (and, inside it, at the checkpoint) where it stopped.
+``eval.baselines`` repeats the folds with SimCLR-only and random-init
+encoders; ``eval.final_model`` then trains on every labelled slide
+(``final/``). Results: ``results.md``, ``metrics.json``,
+``oof_predictions.csv``, ``roc.png`` and attention galleries
+(``galleries/``), see :mod:`slamjax.slides.report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+
+from slamjax import config as config_lib
+from slamjax import distributed
+from slamjax import sharding
+from slamjax.data import slides as slides_lib
+from slamjax.slides import fold_run
+from slamjax.slides import folds as folds_lib
+from slamjax.slides import report
+
+# Baseline encoders: config overrides on the run's own config.
+BASELINES = {
+    "simclr": {"pretrain": {"task_weights": (1.0, 0.0), "surgery": "sum"}},
+    "random_init": {"pretrain": {"epochs": 0}},
+}
+
+
+def method_config(cfg, method: str):
+  """The run's config for ``method`` ("slam_ags" = the config as given)."""
+  c = copy.deepcopy(cfg)
+  for section, values in BASELINES.get(method, {}).items():
+    for key, value in values.items():
+      c[section][key] = value
+  return c
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
+  """Held-out predictions and metrics of one fold, as stored on disk."""
+  test = fold["test"]
+  rec = {"fold": fold["name"], "method": method, "timing_s": result["timing_s"],
+         "train_slides": [cohort.slide_ids[i] for i in fold["train"]],
+         "test_slides": [cohort.slide_ids[i] for i in test], "heads": {}}
+  for head, outs in result["outputs"].items():
+    out, thr = outs["test"], result["thresholds"][head]
+    rec["heads"][head] = {
+        "thresholds": thr,
+        "prob": out["prob"].tolist(),
+        "attention": [a.tolist() for a in out["attention"]],
+        "metrics": report.task_metrics(cohort.labels[test], out["prob"], thr,
+                                       cohort.task_names)}
+    if "unlabeled" in outs:
+      rec["heads"][head]["unlabeled_prob"] = outs["unlabeled"]["prob"].tolist()
+  if "collapse" in result:
+    rec["collapse"] = result["collapse"]
+  return rec
+
+
+def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict]:
+  """Every fold of one encoder method; finished folds are read back, not rerun."""
+  c = method_config(cfg, method)
+  unlabeled = np.flatnonzero(~cohort.labelled())
+  records = []
+  for i, fold in enumerate(folds):
+    fold_dir = os.path.join(workdir, method, fold["name"])
+    path = os.path.join(fold_dir, "record.json")
+    if os.path.exists(path):
+      records.append(json.load(open(path)))
+      print(f"slides: {method} {fold['name']}: recorded, skipped", flush=True)
+      continue
+    print(f"slides: {method} {fold['name']} ({i + 1}/{len(folds)}): "
+          f"{len(fold['train'])} training, {len(fold['test'])} held-out slides", flush=True)
+    predict = {"test": fold["test"]}
+    if len(unlabeled):
+      predict["unlabeled"] = unlabeled
+    result = fold_run.train_model(c, cohort, fold["train"], predict, fold_dir, mesh)
+    result["collapse"] = report.collapse_summary(c, fold_dir)
+    rec = fold_record(cohort, fold, result, method)
+    if distributed.is_main_process():
+      _write_json_atomic(path, rec)
+    records.append(rec)
+  return records
+
+
+def run_slides(cfg, workdir: str) -> dict:
+  """Runs or resumes cross-validation (+ baselines, + final model)."""
+  config_lib.validate(cfg)
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  timing = {}
+  t0 = time.perf_counter()
+  cohort = slides_lib.load_cohort(cfg.data)
+  folds = folds_lib.cohort_folds(cohort, cfg.eval.folds, cfg.seed)
+  for method in cfg.eval.baselines:  # fail before any training, not after hours
+    method_config(cfg, method)
+  timing["data"] = time.perf_counter() - t0
+  print(f"slides: {cohort.summary()}", flush=True)
+  print(f"slides: {len(folds)} fold(s): " + "; ".join(
+      f"{f['name']} {len(f['train'])}/{len(f['test'])}" for f in folds), flush=True)
+  mesh = sharding.make_mesh(cfg.mesh.data)
+
+  records = {}
+  for method in ("slam_ags", *cfg.eval.baselines):
+    t0 = time.perf_counter()
+    records[method] = run_method(cfg, cohort, folds, method,
+                                 os.path.join(workdir, "folds"), mesh)
+    timing[f"cv_{method}"] = time.perf_counter() - t0
+
+  final = None
+  if cfg.eval.final_model:
+    t0 = time.perf_counter()
+    train_all = np.flatnonzero(cohort.labelled())
+    folds_lib.check_training_slides(cohort, train_all, "the final model")
+    final_dir = os.path.join(workdir, "final")
+    unlabeled = np.flatnonzero(~cohort.labelled())
+    result = fold_run.train_model(cfg, cohort, train_all,
+                                  {"unlabeled": unlabeled} if len(unlabeled) else {},
+                                  final_dir, mesh)
+    final = {"thresholds": result["thresholds"], "dir": final_dir}
+    if distributed.is_main_process():
+      with open(os.path.join(final_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+      _write_json_atomic(os.path.join(final_dir, "complete.json"),
+                         {"num_training_slides": int(len(train_all)),
+                          "task_names": list(cohort.task_names)})
+      if len(unlabeled):
+        report.write_predictions(
+            os.path.join(workdir, "unlabeled_predictions.csv"),
+            [cohort.slide_ids[i] for i in unlabeled], cohort.task_names,
+            {h: o["unlabeled"]["prob"] for h, o in result["outputs"].items()},
+            result["thresholds"])
+    timing["final_model"] = time.perf_counter() - t0
+  timing["total"] = time.perf_counter() - t_start
+  if not distributed.is_main_process():
+    return {}
+  return report.write_cv_report(cfg, cohort, folds, records, workdir, timing,
+                                skipped=cohort.report.get("skipped_files", []))
