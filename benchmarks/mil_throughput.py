@@ -17,7 +17,7 @@ shuffled order:
   the host into its length bucket (4 sizes per power of two) and one jitted
   step per batch. Compilation happens before timing. With
   ``--batch_size=1`` the optimisation is the reference's; larger batches
-  average the gradient over bags (``docs/mil-heads.md`` section 0).
+  average the gradient over bags (the design notes ``shared/docs/mil-heads.md`` (outside this repository) section 0).
 
 PyTorch runs the lean loop with 1 thread and with its default thread count
 (on a shared or small machine one thread is often faster), and the

@@ -5,10 +5,14 @@ r"""Command line entry point (kept thin; ``config.runner`` picks the work: slamj
       --config.pretrain.surgery=sum
 """
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -25,14 +29,14 @@ def main(argv):
   from slamjax import distributed
   distributed.initialize()  # multi-process runs: SLAMJAX_COORDINATOR etc.
   import jax
-  try:  # keep TensorFlow (used by clu writers and tf.data) off accelerators
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
   from slamjax import config as config_lib
   from slamjax import runners
   config_lib.validate(FLAGS.config)  # before any data is loaded
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise app.UsageError(f"--workdir={FLAGS.workdir} is a file; give a folder "
+                         "(it is created if missing)")
+  from slamjax import runtime
+  runtime.setup()
   print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
         f"{jax.default_backend()} device(s)", flush=True)
   runners.get(FLAGS.config.runner)(FLAGS.config, FLAGS.workdir)

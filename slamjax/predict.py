@@ -136,6 +136,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from slamjax import runtime
+  runtime.setup()
   predict(FLAGS.workdir, FLAGS.slides, FLAGS.out, FLAGS.top_k)
 
 

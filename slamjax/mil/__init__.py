@@ -20,5 +20,5 @@ masked primitives: :mod:`slamjax.mil.masked`; padding buckets:
 :mod:`slamjax.mil.padding`; config defaults: :mod:`slamjax.mil.options`;
 multi-task labels: :mod:`slamjax.mil.labels`; retrieval, multi-task metrics
 and attention stability: :mod:`slamjax.mil.diagnostics`. Equations and the
-reference code's behaviour: ``docs/mil-heads.md`` (shared docs).
+reference code's behaviour: ``shared/docs/mil-heads.md`` (design notes outside this repository).
 """

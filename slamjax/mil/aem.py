@@ -10,7 +10,7 @@ rows with fewer than k valid instances use all of them.
 
 ``lambda`` is constant or decays with a cosine to 0 over training (the paper's
 v3 "cosine weight annealing"; its direction is not verifiable from the public
-code, see ``docs/mil-heads.md`` section 4).
+code, see the design notes ``shared/docs/mil-heads.md`` (outside this repository) section 4).
 
 Example:
   >>> import jax.numpy as jnp

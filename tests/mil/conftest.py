@@ -1,4 +1,4 @@
-"""Shared fixtures of the MIL tests: a toy MIL task and fast CPU compilation."""
+"""Shared fixtures of the MIL tests: a toy MIL task."""
 
 import jax
 import ml_collections
@@ -6,15 +6,6 @@ import numpy as np
 import pytest
 
 D = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA compiles ~2x faster without most optimisations (restored afterwards)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def make_toy(n, num_tasks=1, seed=0, shift=5.0, sizes=(8, 16)):

@@ -1,0 +1,135 @@
+"""The slides runner: folds, what reaches pretraining, and the two commands of
+the README ("Your own slides") end to end on a small generated cohort."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from slamjax import config as config_lib
+from slamjax.data import make_cohort
+from slamjax.data import slides as slides_lib
+from slamjax.slides import fold_run
+from slamjax.slides import folds as folds_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fake_cohort(labels, patients):
+  labels = np.asarray(labels, np.float32).reshape(len(labels), -1)
+  n = len(labels)
+  return types.SimpleNamespace(
+      labels=labels, patient_ids=tuple(patients), task_names=("label",),
+      slide_ids=tuple(f"s{i}" for i in range(n)), folds=None, splits=None,
+      cells=[np.arange(3 * i, 3 * i + 3) for i in range(n)],
+      labelled=lambda: ~np.isnan(labels).any(axis=1))
+
+
+def test_folds_group_patients_and_stratify():
+  labels = [0, 1] * 10 + [np.nan]
+  patients = [f"p{i // 2}" for i in range(20)] + ["new"]  # two slides per patient
+  cohort = _fake_cohort(labels, patients)
+  folds = folds_lib.cohort_folds(cohort, k=5, seed=0)
+  assert len(folds) == 5
+  held_out = np.concatenate([f["test"] for f in folds])
+  assert sorted(held_out.tolist()) == list(range(20))  # every labelled slide once
+  for f in folds:
+    train_p = {patients[i] for i in f["train"]}
+    assert not train_p & {patients[i] for i in f["test"]}  # a patient in one fold only
+    assert 20 not in f["train"]  # the unlabeled slide is never trained on
+  again = folds_lib.cohort_folds(cohort, k=5, seed=0)
+  assert all(np.array_equal(a["test"], b["test"]) for a, b in zip(folds, again))
+
+
+def test_fold_errors_name_the_problem():
+  cohort = _fake_cohort([0, 0, 0, 1, 1, 0], [f"p{i}" for i in range(6)])
+  with pytest.raises(slides_lib.CohortError, match=r"positive for label: 2 slides .* "
+                     r"fewer than config.eval.folds=3"):
+    folds_lib.cohort_folds(cohort, k=3, seed=0)
+  with pytest.raises(slides_lib.CohortError, match=r"no negative slide.*similarity "
+                     r"objective.*SLAM-AGS needs both"):
+    folds_lib.check_training_slides(cohort, np.array([3, 4]), "fold0")
+  with pytest.raises(slides_lib.CohortError, match=r"no positive slide.*NT-Xent"):
+    folds_lib.check_training_slides(cohort, np.array([0, 1]), "fold0")
+
+
+def test_only_training_slides_reach_pretraining():
+  cfg = config_lib.load("slides", "quick")
+  cohort = _fake_cohort([0, 1, 0, 1, np.nan], [f"p{i}" for i in range(5)])
+  bags = fold_run.pretraining_bags(cfg, cohort, np.array([0, 1]))
+  assert sorted(bags.all_cells().tolist()) == list(range(6))  # slides 0 and 1 only
+  assert bags.all_cells(1).tolist() == [3, 4, 5] and bags.all_cells(0).tolist() == [0, 1, 2]
+  cfg.eval.unlabeled_in_pretraining = True  # the unlabeled slide joins NT-Xent
+  bags = fold_run.pretraining_bags(cfg, cohort, np.array([0, 1]))
+  assert bags.all_cells(1).tolist() == [3, 4, 5, 12, 13, 14]
+
+
+def test_threshold_is_chosen_on_training_slides():
+  assert fold_run.choose_threshold(np.array([0, 0, 1, 1]), np.array([.1, .3, .35, .9])) == 0.35
+  assert fold_run.choose_threshold(np.array([1, 1]), np.array([.2, .9])) == 0.5
+
+
+def _run(*args, timeout=1200):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_readme_commands_cross_validate_and_predict(tmp_path):
+  cohort, new = str(tmp_path / "cohort"), str(tmp_path / "new")
+  make_cohort.make_cohort(cohort, source="synthetic", patients=12, min_cells=8,
+                          max_cells=24, unlabeled=1, new_out=new, new_patients=3, seed=0)
+  wd, out = str(tmp_path / "run"), str(tmp_path / "pred")
+  train = ("slamjax.main", "--config", "configs/slides.py:quick",
+           f"--config.data.root={cohort}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+           "--workdir", wd)
+
+  # Predicting before a final model exists fails and says how to get one.
+  r = _run("slamjax.predict", "--workdir", wd, "--slides", new, "--out", out)
+  assert r.returncode != 0 and "has no final model" in r.stderr
+
+  r = _run(*train)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "## Cross-validation" in r.stdout and "decoded" in r.stdout
+  metrics = json.load(open(os.path.join(wd, "metrics.json")))
+  assert metrics["folds"] == ["fold0", "fold1"] and metrics["tasks"] == ["label"]
+  assert {"auc", "balanced_accuracy", "f1", "sensitivity", "specificity"} <= set(
+      metrics["summary"][0])
+  labelled = [r for r in _rows(os.path.join(cohort, "slides.csv")) if r["label"] != ""]
+  oof = _rows(os.path.join(wd, "oof_predictions.csv"))
+  assert sorted(r["slide_id"] for r in oof) == sorted(r["slide_id"] for r in labelled)
+  by_patient = {}
+  for r in oof:
+    by_patient.setdefault(r["patient_id"], set()).add(r["fold"])
+  assert all(len(f) == 1 for f in by_patient.values())  # patients never split
+  for f in ("roc.png", "results.md", "final/complete.json", "unlabeled_predictions.csv"):
+    assert os.path.exists(os.path.join(wd, f)), f
+  assert os.listdir(os.path.join(wd, "galleries"))
+
+  # A rerun reads the recorded folds back and the cache skips decoding.
+  r2 = _run(*train)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert r2.stdout.count("recorded, skipped") == 2 and "cache hit" in r2.stdout
+  assert json.load(open(os.path.join(wd, "metrics.json")))["summary"] == metrics["summary"]
+
+  r = _run("slamjax.predict", "--workdir", wd, "--slides", new, "--out", out)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  preds = _rows(os.path.join(out, "predictions.csv"))
+  assert [p["slide_id"] for p in preds] == sorted(
+      d for d in os.listdir(new) if os.path.isdir(os.path.join(new, d)))
+  assert {"prob_label", "threshold_label", "predicted_label"} <= set(preds[0])
+  for p in preds:
+    att = _rows(os.path.join(out, "attention", f"{p['slide_id']}.csv"))
+    assert sorted(int(a["rank"]) for a in att) == list(range(1, len(att) + 1))
+    assert os.path.exists(os.path.join(out, "galleries", f"{p['slide_id']}.png"))
+  assert "# slamjax predictions" in open(os.path.join(out, "report.md")).read()
