@@ -1,0 +1,674 @@
+"""Slide cohorts: one folder of cell images per slide plus a slide table.
+
+Layout (``config.data.source = 'slides'``)::
+
+    root/
+      slides.csv                 # slide_id, label columns, [patient_id, split, fold]
+      P001_S1/**/*.jpg|png|...   # the cells of slide P001_S1, at any depth
+      P002_S1/...
+
+or, for layouts that are not one folder per slide, a cell table
+(``data.cells_csv``) with columns ``slide_id,path[,witness]`` (paths relative
+to ``root`` or absolute); its optional 0/1 ``witness`` column marks the cells
+that make a slide positive (for retrieval metrics only; nothing needs it).
+
+Labels, two forms:
+
+* 0/1 columns (``data.label_columns``, or every column but ``slide_id``,
+  ``patient_id``, ``split`` and ``fold`` when empty): one binary task each.
+* One categorical column (``data.label_column``) with ``data.negative_label``
+  its normal value: each other value becomes a one-vs-rest task, named by the
+  value, tasks sorted.
+
+An empty (or NA/NaN) label means unlabeled: the slide is kept with NaN labels
+(left out of training and metrics, still predicted). A row must label all
+tasks or none.
+
+Images of any size, aspect or mode become RGB, centre-cropped and resized to
+``data.image_size`` (``image_cache.decode_cell``). Decoded cells are cached on
+disk as a uint8 memmap keyed by the file list, sizes, mtimes and image size
+(``image_cache.load_images``), so a rerun does not decode again and RAM does
+not bound the cohort. ``Cohort.images`` has one row per distinct file, in
+sorted absolute-path order; ``Cohort.cells[i]`` indexes the rows of slide i.
+
+Every problem with the input raises ``CohortError`` naming the file, row
+(line of the CSV) or value, and what would be valid.
+
+Example:
+  >>> import os, tempfile, ml_collections
+  >>> from PIL import Image
+  >>> root = tempfile.mkdtemp()
+  >>> for sid, n in (("s1", 2), ("s2", 3)):
+  ...   os.makedirs(f"{root}/{sid}/field1")
+  ...   for i in range(n):
+  ...     Image.new("L", (30, 20), 40 * i).save(f"{root}/{sid}/field1/{i}.png")
+  >>> _ = open(f"{root}/slides.csv", "w").write("slide_id,label\\ns1,0\\ns2,1\\n")
+  >>> cfg = ml_collections.ConfigDict(dict(
+  ...     source="slides", root=root, csv="slides.csv", cells_csv="",
+  ...     label_columns=(), label_column="", negative_label="", image_size=8,
+  ...     unlisted="error", skip_bad_files=False, cache_dir=f"{root}/.cache",
+  ...     num_workers=1))
+  >>> cohort = load_cohort(cfg)
+  >>> cohort.slide_ids, cohort.task_names, cohort.labels[:, 0].tolist()
+  (('s1', 's2'), ('label',), [0.0, 1.0])
+  >>> cohort.images.shape, [c.tolist() for c in cohort.cells]
+  ((5, 8, 8, 3), [[0, 1], [2, 3, 4]])
+  >>> cohort.cell_paths[2]
+  's2/field1/0.png'
+  >>> cohort.summary()
+  '2 slides (2 labelled, 0 unlabeled), 5 cells (2-3 per slide, median 2); label: 1 pos / 1 neg; decoded 5 cells'
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from slamjax.data import folder
+from slamjax.data import image_cache
+
+RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
+SPLITS = ("train", "test")
+# Cell values that mean "no label" (compared lower-cased).
+_MISSING = frozenset({"", "na", "n/a", "nan", "none", "null"})
+_SHOW = 8  # offending items named in one message
+
+
+class CohortError(ValueError):
+  """Bad slide-cohort input; the message names the file, row or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+  """A loaded slide cohort (see the module docstring).
+
+  Attributes:
+    root: the cohort folder.
+    slide_ids: slide ids, in CSV order (sorted folder order without a CSV).
+    cells: per slide, int64 indices into ``images`` (sorted path order).
+    images: uint8 ``[N, S, S, 3]`` memmap from the disk cache. Rows of files
+      skipped with ``skip_bad_files`` are zero and in no slide's ``cells``.
+    cell_paths: per image row, its path relative to ``root`` ('/'-separated)
+      when under ``root``, else absolute.
+    task_names: one binary task per 0/1 column, or per non-negative category.
+    labels: float32 ``[num_slides, num_tasks]``; NaN rows = unlabeled slides.
+    patient_ids: per slide (= slide_id when there is no patient_id column).
+    splits: per slide 'train'/'test' from a ``split`` column, else None.
+    folds: int64 per slide from a ``fold`` column, else None.
+    witness: per slide, bool per cell of ``cells``, when the cell table has
+      a ``witness`` column; else None.
+    report: num_slides, num_cells, decoded, cache_hit, cache_path,
+      decode_seconds, skipped_files (paths), skipped_reasons ({path: why}),
+      unlisted_folders, ignored_files (non-image files; first 20),
+      num_ignored_files.
+  """
+  root: str
+  slide_ids: tuple[str, ...]
+  cells: list[np.ndarray]
+  images: np.ndarray
+  cell_paths: tuple[str, ...]
+  task_names: tuple[str, ...]
+  labels: np.ndarray
+  patient_ids: tuple[str, ...]
+  splits: tuple[str, ...] | None
+  folds: np.ndarray | None
+  witness: list[np.ndarray] | None
+  report: dict
+
+  def __len__(self) -> int:
+    return len(self.slide_ids)
+
+  def labelled(self) -> np.ndarray:
+    """bool ``[num_slides]``: True where the slide has labels."""
+    if self.labels.shape[1] == 0:
+      return np.zeros(len(self.slide_ids), bool)
+    return ~np.isnan(self.labels).any(axis=1)
+
+  def summary(self) -> str:
+    """One line: slides, cells per slide, per-task pos/neg, cache status."""
+    lab = self.labelled()
+    sizes = np.asarray([len(c) for c in self.cells])
+    parts = [f"{len(self.slide_ids)} slides ({int(lab.sum())} labelled, "
+             f"{int((~lab).sum())} unlabeled), {int(sizes.sum())} cells "
+             f"({sizes.min()}-{sizes.max()} per slide, median "
+             f"{int(np.median(sizes))})"]
+    for t, name in enumerate(self.task_names):
+      y = self.labels[lab, t]
+      parts.append(f"{name}: {int((y == 1).sum())} pos / {int((y == 0).sum())} neg")
+    if self.witness is not None:
+      parts.append(f"{int(sum(w.sum() for w in self.witness))} witness cells")
+    if self.report.get("skipped_files"):
+      parts.append(f"{len(self.report['skipped_files'])} bad files skipped")
+    parts.append("cache hit" if self.report.get("cache_hit")
+                 else f"decoded {self.report.get('decoded', 0)} cells")
+    return "; ".join(parts)
+
+
+def _fmt(items: Sequence[str], n: int = _SHOW) -> str:
+  items = list(items)
+  more = f" ... and {len(items) - n} more" if len(items) > n else ""
+  return "; ".join(items[:n]) + more
+
+
+def _is_hidden(name: str) -> bool:
+  return name.startswith(".") or name.startswith("__")
+
+
+def _resolve(root: str, path: str) -> str:
+  path = os.path.expanduser(path)
+  return os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+
+
+def _display(root: str, abspath: str) -> str:
+  """Path relative to ``root`` when under it ('/'-separated), else absolute."""
+  rel = os.path.relpath(abspath, root)
+  if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    return abspath
+  return rel.replace(os.sep, "/")
+
+
+def _read_table(path: str, what: str) -> tuple[list[str], list[tuple[int, dict]]]:
+  """Reads a CSV -> (columns, [(line number, {column: stripped value})])."""
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      if not header or not any(h.strip() for h in header):
+        raise CohortError(f"{what} {path} is empty; it needs a header row")
+      header = [h.strip() for h in header]
+      dup = sorted({h for h in header if header.count(h) > 1})
+      if dup:
+        raise CohortError(f"{what} {path}: column(s) {dup} appear more than once")
+      rows = []
+      for row in reader:
+        if not any(v.strip() for v in row):
+          continue  # blank line
+        if len(row) != len(header):
+          raise CohortError(
+              f"{what} {path} line {reader.line_num}: {len(row)} values but the "
+              f"header has {len(header)} columns {header}")
+        rows.append((reader.line_num, {h: v.strip() for h, v in zip(header, row)}))
+  except UnicodeDecodeError as e:
+    raise CohortError(f"{what} {path} is not UTF-8 text ({e})") from None
+  except csv.Error as e:
+    raise CohortError(f"{what} {path}: not a valid CSV ({e})") from None
+  except OSError as e:
+    raise CohortError(f"Cannot read {what} {path}: {e.strerror or e}") from None
+  return header, rows
+
+
+def _list_images(root: str, slide_dir: str) -> tuple[list[str], list[str]]:
+  """(sorted absolute image paths, other non-hidden files) under slide_dir."""
+  images, others = [], []
+  for dirpath, dirnames, filenames in os.walk(slide_dir):
+    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    for fn in filenames:
+      if _is_hidden(fn):
+        continue
+      p = os.path.join(dirpath, fn)
+      (images if fn.lower().endswith(folder.IMAGE_EXTENSIONS) else others).append(p)
+  return sorted(images), sorted(others)
+
+
+# ---------------------------------------------------------------------------
+# Labels.
+
+
+def _binary_labels(path, rows, columns, header, require_labels):
+  """0/1 columns -> (task_names, labels [n, t], errors)."""
+  missing = [c for c in columns if c not in header]
+  if missing:
+    if require_labels:
+      raise CohortError(
+          f"{path}: label column(s) {missing} named in config.data.label_columns "
+          f"are not in the CSV; its columns are {header}")
+    # Predicting on a table without labels: every slide is unlabeled.
+    return tuple(columns), np.full((len(rows), len(columns)), np.nan, np.float32)
+  labels = np.full((len(rows), len(columns)), np.nan, np.float32)
+  bad: dict[str, list[str]] = {}
+  for i, (line, row) in enumerate(rows):
+    for t, c in enumerate(columns):
+      v = row[c]
+      if v.lower() in _MISSING:
+        continue
+      try:
+        x = float(v)
+      except ValueError:
+        x = None
+      if x not in (0.0, 1.0):
+        bad.setdefault(c, []).append(f"line {line} (slide {row['slide_id']!r}): {v!r}")
+        continue
+      labels[i, t] = x
+  if bad:
+    msgs = []
+    for c, items in bad.items():
+      hint = ""
+      if any(not _is_number(r[c]) for _, r in rows if r[c].lower() not in _MISSING):
+        hint = (f" If {c!r} is a categorical column, set config.data.label_column="
+                f"{c!r} and config.data.negative_label to its normal value; or list "
+                "only the 0/1 columns in config.data.label_columns.")
+      msgs.append(f"column {c!r} has values outside {{0, 1}} at {_fmt(items)}.{hint}")
+    raise CohortError(f"{path}: " + " ".join(msgs) +
+                      " Valid label values: 0, 1, or empty for an unlabeled slide.")
+  return tuple(columns), labels
+
+
+def _is_number(v: str) -> bool:
+  try:
+    float(v)
+    return True
+  except ValueError:
+    return False
+
+
+def _categorical_labels(path, rows, column, negative, header, require_labels):
+  """One categorical column -> one-vs-rest tasks of its non-negative values."""
+  if column not in header:
+    if require_labels:
+      raise CohortError(f"{path}: config.data.label_column={column!r} is not a "
+                        f"column of the CSV; its columns are {header}")
+    return (), np.zeros((len(rows), 0), np.float32)
+  values = [row[column] for _, row in rows]
+  present = sorted({v for v in values if v.lower() not in _MISSING})
+  if not present and not require_labels:
+    return (), np.zeros((len(rows), 0), np.float32)
+  if not negative:
+    raise CohortError(
+        f"{path}: config.data.label_column={column!r} needs config.data."
+        f"negative_label, the value of a normal slide; the column holds {present}")
+  if negative not in present:
+    raise CohortError(
+        f"{path}: config.data.negative_label={negative!r} never occurs in column "
+        f"{column!r}; its values are {present} (values are compared exactly, "
+        "case-sensitively)")
+  tasks = tuple(v for v in present if v != negative)
+  if not tasks and require_labels:
+    raise CohortError(f"{path}: column {column!r} holds only the negative value "
+                      f"{negative!r}; training needs slides of another value")
+  labels = np.full((len(rows), len(tasks)), np.nan, np.float32)
+  for i, v in enumerate(values):
+    if v.lower() not in _MISSING:
+      labels[i] = [float(v == t) for t in tasks]
+  return tasks, labels
+
+
+# ---------------------------------------------------------------------------
+# The slide table.
+
+
+@dataclasses.dataclass
+class _SlideTable:
+  slide_ids: list[str]
+  lines: list[int | None]
+  task_names: tuple[str, ...]
+  labels: np.ndarray
+  patient_ids: list[str]
+  splits: list[str] | None
+  folds: np.ndarray | None
+
+
+def _parse_slides(cfg, path, require_labels) -> _SlideTable:
+  header, rows = _read_table(path, "slide table")
+  if "slide_id" not in header:
+    raise CohortError(f"{path}: no 'slide_id' column; its columns are {header}. "
+                      "The first row must be a header naming the columns.")
+  if not rows:
+    raise CohortError(f"{path} has a header but no slide rows")
+  empty = [f"line {line}" for line, r in rows if not r["slide_id"]]
+  if empty:
+    raise CohortError(f"{path}: empty slide_id at {_fmt(empty)}")
+  first: dict[str, int] = {}
+  dups = []
+  for line, r in rows:
+    sid = r["slide_id"]
+    if sid in first:
+      dups.append(f"{sid!r} at lines {first[sid]} and {line}")
+    else:
+      first[sid] = line
+  if dups:
+    raise CohortError(f"{path}: duplicate slide_id {_fmt(dups)}; each slide needs "
+                      "one row")
+
+  label_columns = tuple(cfg.get("label_columns") or ())
+  label_column = cfg.get("label_column") or ""
+  if label_columns and label_column:
+    raise CohortError(
+        f"Set either config.data.label_columns (0/1 columns, now {label_columns}) "
+        f"or config.data.label_column (one categorical column, now {label_column!r}), "
+        "not both")
+  if label_column:
+    tasks, labels = _categorical_labels(path, rows, label_column,
+                                        cfg.get("negative_label") or "", header,
+                                        require_labels)
+    columns = (label_column,)
+  else:
+    columns = label_columns or tuple(c for c in header if c not in RESERVED_COLUMNS)
+    reserved = [c for c in label_columns if c in RESERVED_COLUMNS]
+    if reserved:
+      raise CohortError(f"config.data.label_columns names reserved column(s) "
+                        f"{reserved}; reserved: {list(RESERVED_COLUMNS)}")
+    tasks, labels = _binary_labels(path, rows, columns, header, require_labels)
+
+  if labels.shape[1] > 1:  # all tasks or none, so "unlabeled" is unambiguous
+    partial = np.isnan(labels).any(1) & ~np.isnan(labels).all(1)
+    if partial.any():
+      items = [f"line {rows[i][0]} (slide {rows[i][1]['slide_id']!r})"
+               for i in np.flatnonzero(partial)]
+      raise CohortError(
+          f"{path}: some but not all label columns {list(columns)} are empty at "
+          f"{_fmt(items)}; label every task of a slide, or leave all empty to "
+          "mark it unlabeled")
+  if require_labels:
+    if not tasks:
+      raise CohortError(
+          f"{path}: no label columns (columns: {header}); add a 0/1 column, or "
+          "name a categorical one in config.data.label_column")
+    if np.isnan(labels).all():
+      raise CohortError(f"{path}: every slide is unlabeled (label columns "
+                        f"{list(columns)} are empty); training needs labelled slides")
+
+  sids = [r["slide_id"] for _, r in rows]
+  lines = [line for line, _ in rows]
+  if "patient_id" in header:
+    empty = [f"line {line} (slide {r['slide_id']!r})" for line, r in rows
+             if not r["patient_id"]]
+    if empty:
+      raise CohortError(f"{path}: empty patient_id at {_fmt(empty)}")
+    patients = [r["patient_id"] for _, r in rows]
+  else:
+    patients = list(sids)
+
+  splits = None
+  if "split" in header:
+    splits = [r["split"].lower() for _, r in rows]
+    bad = [f"line {line} (slide {r['slide_id']!r}): {r['split']!r}"
+           for (line, r), s in zip(rows, splits) if s not in SPLITS]
+    if bad:
+      raise CohortError(f"{path}: column 'split' must be one of {list(SPLITS)}; "
+                        f"got {_fmt(bad)}")
+    _check_patient_consistent(path, "split", patients, splits, sids)
+  folds = None
+  if "fold" in header:
+    vals, bad = [], []
+    for line, r in rows:
+      try:
+        x = float(r["fold"])
+        ok = x.is_integer() and x >= 0
+      except ValueError:
+        ok = False
+      if not ok:
+        bad.append(f"line {line} (slide {r['slide_id']!r}): {r['fold']!r}")
+      else:
+        vals.append(int(x))
+    if bad:
+      raise CohortError(f"{path}: column 'fold' must hold integers >= 0; got "
+                        f"{_fmt(bad)}")
+    folds = np.asarray(vals, np.int64)
+    _check_patient_consistent(path, "fold", patients, vals, sids)
+  return _SlideTable(sids, lines, tasks, labels, patients, splits, folds)
+
+
+def _check_patient_consistent(path, column, patients, values, sids):
+  """All slides of a patient in one split/fold, else held-out data leaks."""
+  seen: dict[str, tuple] = {}
+  bad = []
+  for p, v, s in zip(patients, values, sids):
+    if p in seen and seen[p][0] != v:
+      bad.append(f"patient {p!r}: slide {seen[p][1]!r} has {column} {seen[p][0]!r}, "
+                 f"slide {s!r} has {v!r}")
+    seen.setdefault(p, (v, s))
+  if bad:
+    raise CohortError(f"{path}: slides of one patient must share the {column} "
+                      f"(else a held-out patient leaks into training): {_fmt(bad)}")
+
+
+def _unlabeled_table(slide_ids, cfg) -> _SlideTable:
+  """No slide CSV: every slide unlabeled (for prediction)."""
+  label_columns = tuple(cfg.get("label_columns") or ())
+  tasks = () if cfg.get("label_column") else label_columns
+  n = len(slide_ids)
+  return _SlideTable(list(slide_ids), [None] * n, tasks,
+                     np.full((n, len(tasks)), np.nan, np.float32), list(slide_ids),
+                     None, None)
+
+
+# ---------------------------------------------------------------------------
+# Cells of each slide.
+
+
+def _cells_from_folders(root, table, csv_path, unlisted, report):
+  """Folder layout: {slide_id: [abs image paths]} for the table's slides."""
+  folders = sorted(d for d in os.listdir(root)
+                   if not _is_hidden(d) and os.path.isdir(os.path.join(root, d)))
+  where = csv_path or "the slide table"
+  if table is not None:
+    folder_set = set(folders)
+    missing = [f"line {line}: {sid!r} (expected folder {os.path.join(root, sid)})"
+               for sid, line in zip(table.slide_ids, table.lines)
+               if sid not in folder_set]
+    if missing:
+      raise CohortError(f"{where}: slide row(s) with no folder: {_fmt(missing)}. "
+                        f"Folders in {root}: {_fmt(folders, 12) or 'none'}")
+    listed = set(table.slide_ids)
+    extra = [d for d in folders if d not in listed]
+    if extra and unlisted != "ignore":
+      raise CohortError(
+          f"Folder(s) in {root} with no row in {where}: {_fmt(extra)}. Add a row "
+          "per slide (leave the labels empty for an unlabeled slide) or set "
+          "config.data.unlisted='ignore'")
+    report["unlisted_folders"] = extra
+    slide_ids = table.slide_ids
+  else:
+    if not folders:
+      raise CohortError(f"{root} holds no slide folders (expected "
+                        "root/<slide_id>/**/<images>)")
+    slide_ids = folders
+  by_slide, others, empty = {}, [], []
+  for sid in slide_ids:
+    images, other = _list_images(root, os.path.join(root, sid))
+    others += other
+    if not images:
+      empty.append(f"{os.path.join(root, sid)}"
+                   + (f" ({len(other)} non-image file(s))" if other else ""))
+    by_slide[sid] = images
+  if empty:
+    raise CohortError(
+        f"Empty slide(s), no image files ({', '.join(folder.IMAGE_EXTENSIONS)}) "
+        f"in: {_fmt(empty)}")
+  report["ignored_files"] = [_display(root, p) for p in others[:20]]
+  report["num_ignored_files"] = len(others)
+  return slide_ids, by_slide, None
+
+
+def _cells_from_table(root, cells_path, table, csv_path, unlisted, report,
+                      skip_bad_files):
+  """Cell table: {slide_id: [abs paths]} and {slide_id: {abs path: witness}}."""
+  header, rows = _read_table(cells_path, "cell table")
+  need = [c for c in ("slide_id", "path") if c not in header]
+  if need:
+    raise CohortError(f"cell table {cells_path}: missing column(s) {need}; it needs "
+                      f"'slide_id' and 'path' (and optionally 'witness'); its "
+                      f"columns are {header}")
+  if not rows:
+    raise CohortError(f"cell table {cells_path} has a header but no rows")
+  has_witness = "witness" in header
+  by_slide: dict[str, dict[str, bool]] = {}
+  owner: dict[str, tuple[str, int]] = {}
+  errors, bad_witness, missing = [], [], []
+  for line, r in rows:
+    sid, p = r["slide_id"], r["path"]
+    if not sid or not p:
+      errors.append(f"line {line}: empty {'slide_id' if not sid else 'path'}")
+      continue
+    ap = _resolve(root, p)
+    w = False
+    if has_witness:
+      if r["witness"] not in ("0", "1", "0.0", "1.0"):
+        bad_witness.append(f"line {line} ({p}): {r['witness']!r}")
+        continue
+      w = float(r["witness"]) == 1.0
+    if ap in owner:
+      prev_sid, prev_line = owner[ap]
+      errors.append(f"line {line}: {p} is already listed at line {prev_line}"
+                    + (f" for slide {prev_sid!r}" if prev_sid != sid else ""))
+      continue
+    owner[ap] = (sid, line)
+    if not os.path.isfile(ap):
+      missing.append(f"line {line}: {p}")
+    by_slide.setdefault(sid, {})[ap] = w
+  if bad_witness:
+    raise CohortError(f"cell table {cells_path}: column 'witness' must be 0 or 1; "
+                      f"got {_fmt(bad_witness)}")
+  if errors:
+    raise CohortError(f"cell table {cells_path}: {_fmt(errors)} (each cell is "
+                      "listed once, in one slide)")
+  if missing:
+    if not skip_bad_files:
+      raise CohortError(f"cell table {cells_path}: file(s) not found: "
+                        f"{_fmt(missing)} (paths are relative to {root} or "
+                        "absolute); or set config.data.skip_bad_files=True")
+    for line, r in rows:
+      ap = _resolve(root, r["path"])
+      if r["path"] and not os.path.isfile(ap):
+        report["skipped_files"].append(_display(root, ap))
+        report["skipped_reasons"][_display(root, ap)] = "file not found"
+        by_slide.get(r["slide_id"], {}).pop(ap, None)
+
+  if table is not None:
+    where = csv_path
+    no_cells = [f"line {line}: {sid!r}" for sid, line in
+                zip(table.slide_ids, table.lines) if sid not in by_slide]
+    if no_cells:
+      raise CohortError(f"{where}: slide row(s) with no cells in cell table "
+                        f"{cells_path}: {_fmt(no_cells)}")
+    extra = sorted(s for s in by_slide if s not in set(table.slide_ids))
+    if extra and unlisted != "ignore":
+      raise CohortError(
+          f"cell table {cells_path}: slide(s) with no row in {where}: "
+          f"{_fmt([repr(x) for x in extra])}. Add a row per slide or set "
+          "config.data.unlisted='ignore'")
+    report["unlisted_folders"] = extra
+    slide_ids = table.slide_ids
+  else:
+    slide_ids = sorted(by_slide)
+  empty = [s for s in slide_ids if not by_slide[s]]
+  if empty:
+    raise CohortError(f"cell table {cells_path}: slide(s) left with no cells after "
+                      f"skipping missing files: {_fmt([repr(x) for x in empty])}")
+  paths = {s: sorted(by_slide[s]) for s in slide_ids}
+  witness = ({s: by_slide[s] for s in slide_ids} if has_witness else None)
+  return slide_ids, paths, witness
+
+
+# ---------------------------------------------------------------------------
+
+
+def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
+  """Loads a slide cohort described by ``cfg`` (``config.data``).
+
+  Args:
+    cfg: ConfigDict with root, csv, cells_csv, label_columns, label_column,
+      negative_label, image_size, unlisted, skip_bad_files, cache_dir,
+      num_workers (see the module docstring).
+    require_labels: False for prediction: the slide CSV may be missing or ''
+      (then every sub-folder of root, or every slide of the cell table, is an
+      unlabeled slide) and its label columns may be absent.
+
+  Returns:
+    A ``Cohort``; its images come from (and on a miss are decoded into) the
+    disk cache.
+
+  Raises:
+    CohortError: any problem with the input, before anything is decoded
+      (except unreadable images, which are found by decoding).
+  """
+  root = cfg.get("root") or ""
+  if not root:
+    raise CohortError("config.data.root is empty; set it to the cohort folder")
+  root = os.path.abspath(folder.resolve_root(os.path.expanduser(root)))
+  if not os.path.isdir(root):
+    raise CohortError(f"Cohort folder {root!r} (config.data.root) does not exist")
+  image_size = int(cfg.get("image_size") or 0)
+  if image_size <= 0:
+    raise CohortError(f"config.data.image_size must be a positive int, got "
+                      f"{cfg.get('image_size')!r}")
+  unlisted = cfg.get("unlisted") or "error"
+  if unlisted not in ("error", "ignore"):
+    raise CohortError(f"config.data.unlisted={unlisted!r}; valid: 'error', 'ignore'")
+  skip_bad_files = bool(cfg.get("skip_bad_files", False))
+
+  csv_name = cfg.get("csv", "slides.csv") or ""
+  csv_path = _resolve(root, csv_name) if csv_name else ""
+  table = None
+  if csv_path and os.path.isfile(csv_path):
+    table = _parse_slides(cfg, csv_path, require_labels)
+  elif require_labels:
+    raise CohortError(
+        f"Slide table {csv_path or '(config.data.csv is empty)'} not found; "
+        "training needs a CSV with a slide_id column and label columns "
+        f"(config.data.csv, relative to {root} or absolute)")
+  else:
+    csv_path = ""
+
+  report = {"skipped_files": [], "skipped_reasons": {}, "unlisted_folders": [],
+            "ignored_files": [], "num_ignored_files": 0}
+  cells_csv = cfg.get("cells_csv") or ""
+  if cells_csv:
+    cells_path = _resolve(root, cells_csv)
+    if not os.path.isfile(cells_path):
+      raise CohortError(f"Cell table {cells_path} (config.data.cells_csv) not found")
+    slide_ids, paths, witness_map = _cells_from_table(
+        root, cells_path, table, csv_path, unlisted, report, skip_bad_files)
+  else:
+    slide_ids, paths, witness_map = _cells_from_folders(
+        root, table, csv_path, unlisted, report)
+  if table is None:
+    table = _unlabeled_table(slide_ids, cfg)
+
+  # One image row per distinct file, sorted: the cache does not depend on
+  # slide order, and reordering the CSV reuses it.
+  all_paths = sorted({p for s in slide_ids for p in paths[s]})
+  row_of = {p: i for i, p in enumerate(all_paths)}
+  try:
+    cached = image_cache.load_images(
+        all_paths, image_size, cache_dir=cfg.get("cache_dir") or "",
+        num_workers=int(cfg.get("num_workers") or 0))
+  except image_cache.CacheError as e:
+    raise CohortError(str(e)) from None
+  cell_paths = tuple(_display(root, p) for p in all_paths)
+  if cached.bad:
+    items = [f"{all_paths[i]}: {why}" for i, why in sorted(cached.bad.items())]
+    if not skip_bad_files:
+      raise CohortError(f"{len(items)} unreadable image(s): {_fmt(items)}. Remove "
+                        "them or set config.data.skip_bad_files=True to skip them")
+    for i, why in sorted(cached.bad.items()):
+      report["skipped_files"].append(cell_paths[i])
+      report["skipped_reasons"][cell_paths[i]] = why
+
+  cells, witness, emptied = [], [] if witness_map is not None else None, []
+  for s in slide_ids:
+    idx = np.asarray([row_of[p] for p in paths[s] if row_of[p] not in cached.bad],
+                     np.int64)
+    if not len(idx):
+      emptied.append(s)
+    cells.append(idx)
+    if witness is not None:
+      witness.append(np.asarray([witness_map[s][all_paths[i]] for i in idx], bool))
+  if emptied:
+    raise CohortError(f"Slide(s) with no readable image left after skipping bad "
+                      f"files: {_fmt([repr(x) for x in emptied])}; skipped: "
+                      f"{_fmt(report['skipped_files'])}")
+
+  report.update(num_slides=len(slide_ids), num_cells=int(sum(len(c) for c in cells)),
+                decoded=cached.decoded, cache_hit=cached.cache_hit,
+                cache_path=cached.cache_path, decode_seconds=round(cached.seconds, 3))
+  return Cohort(
+      root=root, slide_ids=tuple(slide_ids), cells=cells, images=cached.images,
+      cell_paths=cell_paths, task_names=tuple(table.task_names),
+      labels=np.asarray(table.labels, np.float32), patient_ids=tuple(table.patient_ids),
+      splits=tuple(table.splits) if table.splits is not None else None,
+      folds=table.folds, witness=witness, report=report)
