@@ -26,7 +26,7 @@ Design (issue 18, item 2), sized for about 6 hours on this 2-core CPU:
 - Pretraining: one pass over the training bags' cells (312 steps of 128
   cells, ~60 visits per distinct lymphocyte), no warm-up, lr 0.05, 48 px
   images (42 px crops), width-16 ResNet-18, projection (512, 512).
-- One MIL head (ABMIL, dropout 0.25, 40 epochs) on the features the method
+- One MIL head (ABMIL, dropout 0.25, 25 epochs) on the features the method
   reads (``embed.output``) and again on the other features.
 - Encoder-only: linear-probe and kNN (k=20, cosine) AUC, witness vs normal,
   fit on 600 + 600 train-split cells, scored on 600 + 600 held-out test-split
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.checkpoint_every_steps = 5 if quick else 50
   c.mil.heads = ("abmil",)
   c.mil.dropout = 0.25
-  c.mil.epochs = 2 if quick else 40
+  c.mil.epochs = 2 if quick else 25
   c.mil.batch_size = 4 if quick else 8
   c.eval.top_k = 2 if quick else 20  # 10% of a bag
   c.eval.num_plot_bags = 0

@@ -86,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_dims = (512, 512)
   c.model.impl = "auto"
   c.model.head_norm = False
+  # "shared": one projection head for both tasks (the reference), or
+  # "per_task": a SimCLR head and a similarity head on the shared backbone;
+  # embed.output="projection" then reads the SimCLR head.
+  c.model.projection = "shared"
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name
@@ -105,6 +109,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.warmup_epochs = 2
   c.pretrain.temperature = 0.07
   c.pretrain.base_temperature = 0.07
+  # The similarity task on negative-bag cells: "attract" (the reference:
+  # pulls them together, no repulsion) or "repel" (SupCon-style: they also
+  # repel the batch's positive-bag cells, whose backbone features come from
+  # the SimCLR forward, detached).
+  c.pretrain.similarity = "attract"
+  # VICReg-style variance floor added to the similarity task: weight *
+  # mean over dims of relu(target - std), on the negative-bag cells'
+  # normalised projections scaled by sqrt(D) (1 = spread of a uniform sphere).
+  c.pretrain.variance_weight = 0.0
+  c.pretrain.variance_target = 1.0
+  # Collapse detector (slamjax/collapse.py): a logged step counts as
+  # collapsed when embed_std < collapse_spread, or when NT-Xent is within
+  # collapse_margin of log(2B-1), its value at uniform similarity.
+  c.pretrain.collapse_spread = 0.05
+  c.pretrain.collapse_margin = 0.05
   c.pretrain.checkpoint_every_steps = 50
   c.pretrain.log_every_steps = 20
 

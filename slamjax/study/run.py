@@ -1,0 +1,200 @@
+"""Runs the study: every missing (method, witness rate, seed), one record each.
+
+Every run is :func:`slamjax.train.train_and_evaluate` in ``workdir/<run id>``
+(pretrain -> embed -> MIL heads on the method's ``embed.output`` features),
+then :func:`slamjax.study.encoder_eval.evaluate_encoder` (the final encoder
+embeds probe and bag cells once, backbone and projection together: linear
+and kNN probes on held-out cells, and the MIL heads again on the other
+features). A compact JSON record (MIL metrics and per-bag probabilities of
+both feature types, probe AUCs and test-cell scores, embedding spread,
+pretraining history, collapse summary) goes to
+``study.results_dir/runs/<run id>.json``, written atomically, and the tables
+and plots are rebuilt (:mod:`slamjax.study.report`). Rerunning the command
+skips recorded runs and resumes an interrupted one from its checkpoints.
+
+Example::
+
+  from slamjax import config as config_lib
+  from slamjax.study import run
+  cfg = config_lib.load("witness_study", "quick")
+  records = run.run_study(cfg, "/tmp/study_quick")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from slamjax.study import methods as methods_lib
+
+_HISTORY_KEYS = ("step", "loss_simclr", "loss_sim", "grad_cos", "embed_std", "lr",
+                 "grad_norm_simclr", "grad_norm_sim")
+
+
+def _read_history(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "pretrain_metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _compact(history: list[dict]) -> list[dict]:
+  keep = lambda k: k in _HISTORY_KEYS or k.startswith(("loss_", "spread", "variance"))
+  return [{k: round(float(v), 6) for k, v in r.items() if keep(k)} for r in history]
+
+
+def collapse_summary(history: list[dict], batch_pos: int) -> dict:
+  """``slamjax.collapse.summarize`` when available; else the same fields from
+  a simple rule (final pretraining spread < 0.1, or NT-Xent within 0.05 of
+  log(2B-1)), marked ``source='study fallback'``."""
+  try:
+    from slamjax import collapse
+  except ImportError:
+    collapse = None
+  if collapse is not None:
+    out = dict(collapse.summarize(history, batch_pos))
+    out["source"] = "slamjax.collapse"
+    return {k: (v if not isinstance(v, (np.floating, np.integer, np.bool_)) else v.item())
+            for k, v in out.items()}
+  uniform = math.log(2 * batch_pos - 1)
+  rows = [r for r in history if "embed_std" in r]
+  first = next((int(r["step"]) for r in rows if r["embed_std"] < 0.1), None)
+  last = history[-1] if history else {}
+  nt = last.get("loss_simclr", float("nan"))
+  spread = rows[-1]["embed_std"] if rows else float("nan")
+  collapsed = bool(rows) and (spread < 0.1 or abs(uniform - nt) < 0.05)
+  return {"collapsed": collapsed, "first_step": first, "final_spread": spread,
+          "final_ntxent": nt, "ntxent_uniform": uniform, "source": "study fallback"}
+
+
+_POOLS: dict = {}
+
+
+def _pool_and_bags(cfg):
+  """The run's cell pool (cached across runs) and bags, as the pipeline made them."""
+  from slamjax import train
+  from slamjax.data import bags as bags_lib
+  from slamjax.data import sources
+  key = (cfg.data.to_json_best_effort(sort_keys=True), cfg.seed)
+  if key not in _POOLS:
+    _POOLS.clear()  # one pool at a time (seeds run one after the other)
+    _POOLS[key] = sources.load_pool(cfg.data, cfg.seed)
+  pool = _POOLS[key]
+  plan = train.make_bag_plan(cfg, pool)
+  return pool, bags_lib.make_bags(pool.labels, plan, cfg.seed)
+
+
+def _mil_summary(heads: dict) -> dict:
+  """Per head: bag metrics, retrieval, and per-bag (label, prob) for the CIs."""
+  out = {}
+  for name, h in heads.items():
+    out[name] = {"bag": h["bag"], "retrieval": h["retrieval"],
+                 "labels": [r["label"] for r in h["per_bag"]],
+                 "probs": [round(r["prob"], 5) for r in h["per_bag"]]}
+  return out
+
+
+def make_record(rid: str, cfg, results: dict, enc: dict | None, other_mil: dict | None,
+                history: list[dict], batch_pos: int | None, seconds: float) -> dict:
+  """The compact, JSON-serialisable result of one run."""
+  _, _, method = methods_lib.parse_run_id(rid)
+  read = cfg.embed.output
+  mil = {read: _mil_summary(results["heads"])}
+  if other_mil:
+    mil.update({f: _mil_summary(h) for f, h in other_mil.items()})
+  rec = {"id": rid, "method": method, "witness_rate": cfg.bags.witness_rate,
+         "seed": cfg.seed, "bag_size": cfg.bags.bag_size,
+         "bags_per_split": {k: list(v) for k, v in cfg.bags.bags_per_split.items()},
+         "mil_features": read, "mil": mil,
+         "encoder": enc["features"] if enc else None,
+         "probe": enc["probe"] if enc else None,
+         "embedding_test_bags": results.get("embedding"),
+         "timing_s": results.get("timing_s"), "seconds": round(seconds, 1),
+         "batch_pos": batch_pos, "pretrain_history": _compact(history)}
+  if history and batch_pos:
+    rec["collapse"] = collapse_summary(history, batch_pos)
+  return rec
+
+
+def _record_path(out_dir: str, rid: str) -> str:
+  return os.path.join(out_dir, "runs", rid.replace("/", "_") + ".json")
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:  # atomic: a killed run leaves no record
+    json.dump(obj, f, separators=(",", ":"))
+  os.replace(path + ".tmp", path)
+
+
+def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
+  """Runs (or resumes) one run in ``workdir``; returns its record.
+
+  ``c`` is the run's pipeline config, ``study_cfg`` the study section
+  (probe size, kNN k, whether to train MIL on the other features).
+  """
+  from slamjax import sharding
+  from slamjax import train
+  from slamjax.data import batching
+  from slamjax.study import encoder_eval
+  t0 = time.perf_counter()
+  results = train.train_and_evaluate(c, workdir)
+  history = _read_history(workdir)
+  enc = other = None
+  batch_pos = None
+  pool, bagsets = _pool_and_bags(c)
+  mesh = sharding.make_mesh(c.mesh.data)
+  if c.pretrain.epochs > 0:
+    tr = bagsets["train"]
+    batch_pos = batching.split_batch(c.pretrain.batch_size, len(tr.all_cells(1)),
+                                     len(tr.all_cells(0)), mesh.size)[0]
+  if study_cfg.get("encoder_eval", True):
+    t1 = time.perf_counter()
+    enc = encoder_eval.evaluate_encoder(
+        c, workdir, pool, bagsets, mesh,
+        cells_per_class=int(study_cfg.get("probe_cells_per_class", 600)),
+        knn_k=int(study_cfg.get("knn_k", 20)))
+    if study_cfg.get("other_features", True):
+      other_feat = "backbone" if c.embed.output == "projection" else "projection"
+      other = {other_feat: encoder_eval.mil_on_features(
+          c, enc["bag_embeddings"][other_feat], bagsets,
+          os.path.join(workdir, f"other_{other_feat}"))}
+    results.setdefault("timing_s", {})["encoder_eval"] = round(time.perf_counter() - t1, 1)
+  rec = make_record(rid, c, results, enc, other, history, batch_pos,
+                    time.perf_counter() - t0)
+  col = rec.get("collapse") or {}
+  if col.get("collapsed"):
+    print(f"study: WARNING {rid} COLLAPSED during pretraining (spread "
+          f"{col.get('final_spread', float('nan')):.3f} from step {col.get('first_step')}, "
+          f"NT-Xent {col.get('final_ntxent', float('nan')):.3f} vs log(2B-1) "
+          f"{col.get('ntxent_uniform', float('nan')):.3f})", flush=True)
+  return rec
+
+
+def run_study(cfg, workdir: str) -> list[dict]:
+  """Runs every missing run of the study, then writes the report."""
+  from slamjax.study import report
+  out_dir = cfg.study.results_dir or os.path.join(workdir, "results")
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+  with open(os.path.join(out_dir, "study_config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  runs = list(methods_lib.run_configs(cfg))
+  todo = [(rid, c) for rid, c in runs if not os.path.exists(_record_path(out_dir, rid))]
+  print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
+        f"{out_dir}/runs, {len(todo)} to go", flush=True)
+  t_start = time.perf_counter()
+  for i, (rid, c) in enumerate(todo):
+    print(f"study: run {i + 1}/{len(todo)} {rid}", flush=True)
+    rec = run_one(rid, c, os.path.join(workdir, rid), cfg.study)
+    _write_json(_record_path(out_dir, rid), rec)
+    report.write_report(out_dir, cfg)
+    done = i + 1
+    rate = (time.perf_counter() - t_start) / done
+    print(f"study: recorded {rid} in {rec['seconds']:.0f}s; {done}/{len(todo)} "
+          f"done, ETA {rate * (len(todo) - done) / 60:.0f} min", flush=True)
+  return report.write_report(out_dir, cfg)
