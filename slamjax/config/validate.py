@@ -28,6 +28,19 @@ FREE_FORM = {"data.num_per_class", "bags.bags_per_split", "bags.split_fractions"
              "pretrain.surgery_kwargs"}
 
 
+def names(value) -> tuple[str, ...]:
+  """A tuple of names from a config value; entries may be comma-separated,
+  so ``--config.eval.baselines=simclr,random_init`` works on the command line.
+
+  >>> names(("simclr,random_init",)), names("a, b"), names(())
+  (('simclr', 'random_init'), ('a', 'b'), ())
+  """
+  if isinstance(value, str):
+    value = (value,)
+  return tuple(n.strip() for entry in (value or ()) for n in str(entry).split(",")
+               if n.strip())
+
+
 def _unknown_keys(node, ref, prefix: str) -> None:
   for key in node.keys():
     path = f"{prefix}{key}"
@@ -113,5 +126,5 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _range("eval.top_k", cfg.eval.top_k, 1, inf, integer=True)
   _range("eval.folds", cfg.eval.folds, 1, inf, integer=True)
   _range("data.test_fraction", cfg.data.test_fraction, 0, 1, lo_open=True, hi_open=True)
-  for name in cfg.eval.baselines:
+  for name in names(cfg.eval.baselines):
     _choice("eval.baselines", name, ("simclr", "random_init"))

@@ -70,6 +70,7 @@ import numpy as np
 
 from slamjax.data import folder
 from slamjax.data import image_cache
+from slamjax.config.validate import names as config_names
 
 RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
 SPLITS = ("train", "test")
@@ -333,7 +334,7 @@ def _parse_slides(cfg, path, require_labels) -> _SlideTable:
     raise CohortError(f"{path}: duplicate slide_id {_fmt(dups)}; each slide needs "
                       "one row")
 
-  label_columns = tuple(cfg.get("label_columns") or ())
+  label_columns = config_names(cfg.label_columns)
   label_column = cfg.get("label_column") or ""
   if label_columns and label_column:
     raise CohortError(

@@ -115,8 +115,6 @@ def run_slides(cfg, workdir: str) -> dict:
   t0 = time.perf_counter()
   cohort = slides_lib.load_cohort(cfg.data)
   folds = folds_lib.cohort_folds(cohort, cfg.eval.folds, cfg.seed)
-  for method in cfg.eval.baselines:  # fail before any training, not after hours
-    method_config(cfg, method)
   timing["data"] = time.perf_counter() - t0
   print(f"slides: {cohort.summary()}", flush=True)
   print(f"slides: {len(folds)} fold(s): " + "; ".join(
@@ -124,7 +122,7 @@ def run_slides(cfg, workdir: str) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data)
 
   records = {}
-  for method in ("slam_ags", *cfg.eval.baselines):
+  for method in ("slam_ags", *config_lib.names(cfg.eval.baselines)):
     t0 = time.perf_counter()
     records[method] = run_method(cfg, cohort, folds, method,
                                  os.path.join(workdir, "folds"), mesh)
