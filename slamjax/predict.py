@@ -68,6 +68,7 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
   from slamjax import sharding
   from slamjax.data import slides as slides_lib
   from slamjax.mil import multihead
+  from slamjax.mil import standardize
   from slamjax.mil import train as mil_train
   from slamjax.slides import fold_run
   from slamjax.slides import report as slides_report
@@ -80,8 +81,8 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
   model, state = fold_run.load_encoder(cfg, final, mesh)
   idx = np.arange(len(cohort.slide_ids))
   stats = np.load(os.path.join(final, "standardize.npz"), allow_pickle=False)
-  emb = [(e - stats["mean"]) / stats["std"]
-         for e in fold_run.embed_slides(cfg, model, state, cohort, idx, mesh)]
+  emb = standardize.apply(fold_run.embed_slides(cfg, model, state, cohort, idx, mesh),
+                         stats["mean"], stats["std"])
   tasks = info["task_names"]
   dummy = np.zeros((len(emb), len(tasks)), np.float32)
   probs, attention = {}, {}

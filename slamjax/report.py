@@ -77,32 +77,50 @@ def head_rows(heads: dict) -> tuple[list[dict], list[dict]]:
   return per_head, per_task
 
 
-def write_results(workdir: str, results: dict) -> str:
-  """Writes ``metrics.json`` and ``results.md`` (one row per MIL head, and per
-  head and task for multi-task bags); returns the markdown."""
+def fmt_seconds(seconds: float) -> str:
+  """Wall times as a person reads them.
+
+  >>> fmt_seconds(23.7), fmt_seconds(327.0), fmt_seconds(4000)
+  ('23.7 s', '5 min 27 s', '1 h 06 min')
+  """
+  if seconds < 60:
+    return f"{seconds:.1f} s"
+  m, s = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def write_results(workdir: str, results: dict, intro: list[str],
+                  title: str = "slamjax results", splits: dict | None = None,
+                  task_note: str = "") -> str:
+  """Writes ``metrics.json`` and ``results.md``; returns the markdown.
+
+  The markdown: ``title``, ``intro`` lines, then per split (``splits``:
+  split -> {head: results}, default ``{"test": results["heads"]}``) one row
+  per MIL head and one per head and task, then the optional
+  ``linear_probe``, ``skipped_files`` and ``timing_s`` of ``results``.
+  """
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
-  per_head, per_task = head_rows(results["heads"])
-  test = results["test_bags"]
-  md = ["# slamjax results", "",
-        f"Witness rate {results['witness_rate']}, bag size {results['bag_size']}, "
-        f"pretraining surgery `{results['surgery']}`. Test split: {test['num_bags']} bags "
-        f"({test['num_positive']} positive); retrieval ranks the cells of each positive "
-        "bag by attention (found = true witnesses among the top K, over all bags).", "",
-        "## Bag classification (test split) and witness retrieval, one row per MIL head",
-        "",
-        metrics_table(per_head), ""]
-  if per_task:
-    md += ["## Per task (one binary label per abnormal class)", "",
-           "A task is positive when the bag holds a cell of that class; the head's "
-           "bag probability above is the largest task probability.", "",
-           metrics_table(per_task), ""]
+  md = [f"# {title}", "", *intro, ""]
+  for split, heads in (splits or {"test": results["heads"]}).items():
+    per_head, per_task = head_rows(heads)
+    md += [f"## Bag classification ({split} split), one row per MIL head", "",
+           metrics_table(per_head), ""]
+    if per_task:
+      md += [f"## Per task ({split} split)", "", *([task_note, ""] if task_note else []),
+             metrics_table(per_task), ""]
   if "linear_probe" in results:
     md += ["## Cell-level linear probes (test cells)", "",
            markdown_table([results["linear_probe"]], list(results["linear_probe"])), ""]
+  skipped = results.get("skipped_files") or []
+  if skipped:
+    md += [f"## Skipped files ({len(skipped)}, `data.skip_bad_files`)", "",
+           *[f"- `{p}`" for p in skipped], ""]
   if "timing_s" in results:
-    md += ["## Wall time (s)", "", markdown_table([results["timing_s"]],
-                                                  list(results["timing_s"])), ""]
+    t = results["timing_s"]
+    md += ["## Wall time", "", markdown_table([{k: fmt_seconds(v) for k, v in t.items()}],
+                                              list(t)), ""]
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)

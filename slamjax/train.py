@@ -32,6 +32,7 @@ from slamjax.data import bags as bags_lib
 from slamjax.data import sources
 from slamjax.mil import labels as labels_lib
 from slamjax.mil import multihead
+from slamjax.mil import standardize
 
 
 def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
@@ -118,7 +119,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
   else:  # the "no pretraining" baseline: a randomly initialised encoder
     model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
-    state = pretrain_lib.init_state(cfg, model, tx, mesh, pool.images.shape[1])
+    state = pretrain_lib.init_state(cfg, model, tx, mesh)
   timing["pretrain"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -137,9 +138,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   spread = evaluate.embedding_spread(test_flat[:: max(1, len(test_flat) // 4096)])
   # Standardise with training-bag statistics: projection outputs have an
   # arbitrary scale, which otherwise saturates the head at initialisation.
-  flat = np.concatenate(emb["train"])
-  mu, sd = flat.mean(0), flat.std(0) + 1e-6
-  emb = {s: [(e - mu) / sd for e in es] for s, es in emb.items()}
+  mu, sd = standardize.fit(emb["train"])
+  emb = {s: standardize.apply(es, mu, sd) for s, es in emb.items()}
 
   t0 = time.perf_counter()
   train, test = bags["train"], bags["test"]
@@ -158,6 +158,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                                               tasks, r.seconds) for r in runs},
   }
   results["embedding"] = spread  # collapse measure, test cells before scaling
+  collapse_path = os.path.join(workdir, "pretrain_collapse.json")
+  if cfg.pretrain.epochs > 0 and os.path.exists(collapse_path):
+    results["collapse"] = json.load(open(collapse_path))
   if tasks:
     results["tasks"] = list(tasks[0])
   pos = np.flatnonzero(test.bag_labels == 1)
@@ -188,5 +191,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   timing["total"] = sum(timing.values())
   results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
 
-  print(report.write_results(workdir, results), flush=True)
+  test = results["test_bags"]
+  intro = [f"Witness rate {results['witness_rate']}, bag size {results['bag_size']}, "
+           f"pretraining surgery `{results['surgery']}`. Test split: {test['num_bags']} bags "
+           f"({test['num_positive']} positive); retrieval ranks the cells of each positive "
+           "bag by attention (found = true witnesses among the top K, over all bags)."]
+  c = results.get("collapse") or {}
+  if c.get("collapsed"):
+    intro.append(f"**Warning: pretraining collapsed the projection** (first at step "
+                 f"{c['first_step']}; final spread {c['final_spread']:.3f}, NT-Xent "
+                 f"{c['final_ntxent']:.3f} vs log(2B-1) = {c['ntxent_uniform']:.3f}): the "
+                 "embeddings carry little information. See `pretrain_collapse.json`.")
+  print(report.write_results(
+      workdir, results, intro, task_note=(
+          "A task is positive when the bag holds a cell of that class; the head's bag "
+          "probability above is the largest task probability.")), flush=True)
   return results

@@ -42,6 +42,7 @@ from slamjax import report
 from slamjax.features import dataset as dataset_lib
 from slamjax.features import export
 from slamjax.mil import multihead
+from slamjax.mil import standardize
 
 def _instances_first(a, n: int) -> np.ndarray:
   """A bag's attention as [N] or [N, H] (heads giving [H, N] are transposed)."""
@@ -90,38 +91,6 @@ def _write_predictions(path, ds, split_idx, outs):
                     *[repr(float(p)) for p in outs[split]["prob"][j]]])
 
 
-def _write_results(workdir: str, results: dict) -> str:
-  import json
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  md = ["# slamjax results (feature folder)", "",
-        f"{sum(results['num_slides'].values())} slides ("
-        + ", ".join(f"{s}: {n}" for s, n in results["num_slides"].items())
-        + f") of dimension {results['dim']} from "
-        f"`{results['root']}`; label column(s) {', '.join(results['label_columns'])}. "
-        "Bag metrics and attention retrieval are for the first label column; "
-        "with several columns, the per-column rows follow.", ""]
-  heads = results["heads"]
-  for split in ("test", "val"):
-    per_split = {h: (r if split == "test" else r.get("val")) for h, r in heads.items()}
-    if any(v is None for v in per_split.values()):
-      continue
-    per_head, per_task = report.head_rows(per_split)
-    md += [f"## Bag classification ({split} split), one row per MIL head", "",
-           report.metrics_table(per_head), ""]
-    if per_task:
-      md += [f"## Per label column ({split} split)", "", report.metrics_table(per_task), ""]
-  if not any("retrieval" in r for r in heads.values()):
-    md += ["No instance labels (`witness`) in the feature files: attention "
-           "retrieval is not scored.", ""]
-  md += ["## Wall time (s)", "", report.markdown_table([results["timing_s"]],
-                                                       list(results["timing_s"])), ""]
-  text = "\n".join(md)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
-  return text
-
-
 def train_and_evaluate_features(cfg, workdir: str) -> dict:
   """Runs or resumes features mode; writes results under ``workdir``."""
   config_lib.validate(cfg)
@@ -147,12 +116,8 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
 
   feats = ds.features
   if d.standardize:  # as the image pipeline: training-slide statistics
-    flat = np.concatenate([feats[i] for i in split_idx["train"]])
-    mu, sd = flat.mean(0), flat.std(0) + 1e-6
-    del flat
-    for x in feats:  # in place (the dataset is ours): no second copy of the folder
-      x -= mu
-      x /= sd
+    mu, sd = standardize.fit([feats[i] for i in split_idx["train"]])
+    standardize.apply(feats, mu, sd, in_place=True)  # the dataset is ours: no copy
   labels = ds.labels if len(ds.label_columns) > 1 else ds.labels[:, 0]
 
   t0 = time.perf_counter()
@@ -195,5 +160,17 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
             names=ds.label_columns)
   timing["total"] = sum(timing.values())
   results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
-  print(_write_results(workdir, results), flush=True)
+  intro = [f"{sum(results['num_slides'].values())} slides ("
+           + ", ".join(f"{s}: {n}" for s, n in results["num_slides"].items())
+           + f") of dimension {results['dim']} from `{results['root']}`; label column(s) "
+           f"{', '.join(results['label_columns'])}. Bag metrics and attention retrieval are "
+           "for the first label column; with several columns, the per-column rows follow."]
+  if not any("retrieval" in r for r in results["heads"].values()):
+    intro.append("No instance labels (`witness`) in the feature files: attention "
+                 "retrieval is not scored.")
+  splits = {"test": results["heads"]}
+  if all("val" in r for r in results["heads"].values()):
+    splits["val"] = {h: r["val"] for h, r in results["heads"].items()}
+  print(report.write_results(workdir, results, intro, "slamjax results (feature folder)",
+                             splits), flush=True)
   return results

@@ -24,6 +24,7 @@ from slamjax.checkpoint import Checkpointer
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
 from slamjax.mil import multihead
+from slamjax.mil import standardize
 from slamjax.slides import folds as folds_lib
 
 
@@ -120,11 +121,9 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
   names = ["train", *predict]
   sets = {"train": np.asarray(train_idx), **{k: np.asarray(v) for k, v in predict.items()}}
   emb = {k: embed_slides(cfg, model, state, cohort, v, mesh) for k, v in sets.items()}
-  flat = np.concatenate(emb["train"])
-  mu, sd = flat.mean(0), flat.std(0) + 1e-6
-  del flat
+  mu, sd = standardize.fit(emb["train"])
   np.savez(os.path.join(workdir, "standardize.npz"), mean=mu, std=sd)
-  emb = {k: [(e - mu) / sd for e in v] for k, v in emb.items()}
+  emb = {k: standardize.apply(v, mu, sd) for k, v in emb.items()}
   timing["embed"] = time.perf_counter() - t0
   if verbose:
     print(f"embed: {sum(len(e) for v in emb.values() for e in v)} cells of "

@@ -215,14 +215,9 @@ def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dic
     md += [f"## Skipped files ({len(skipped)}, `data.skip_bad_files`)", "",
            *[f"- `{p}`" for p in skipped], ""]
   md += ["## Wall time", "", report.markdown_table(
-      [{k: _fmt_s(v) for k, v in timing.items()}], list(timing)), ""]
+      [{k: report.fmt_seconds(v) for k, v in timing.items()}], list(timing)), ""]
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
   print(text, flush=True)
   return results
-
-
-def _fmt_s(seconds: float) -> str:
-  m, s = divmod(int(round(seconds)), 60)
-  return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
