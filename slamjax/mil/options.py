@@ -1,6 +1,6 @@
 """Defaults of every ``config.mil`` key (from the base config), for partial configs.
 
-``resolve(cfg)`` returns a new unlocked ConfigDict: the defaults,
+``resolve(cfg)`` returns a new frozen ConfigDict: the defaults,
 overridden by whatever ``cfg`` sets (``None`` keeps the default, so
 ``ml_collections.config_dict.placeholder`` fields work). Head-specific
 sections live under ``pamil``, ``asmil`` and ``mecds``; ``None`` there means
@@ -41,7 +41,11 @@ def _merge(base: dict, over: dict) -> dict:
   return out
 
 
-def resolve(cfg) -> ml_collections.ConfigDict:
-  """Defaults overridden by ``cfg`` (a ConfigDict or dict); never mutates cfg."""
+def resolve(cfg) -> ml_collections.FrozenConfigDict:
+  """Defaults overridden by ``cfg`` (a ConfigDict or dict), frozen (hashable,
+  so compiled steps can be cached by it); never mutates cfg. Resolving a
+  resolved config returns it as it is."""
+  if isinstance(cfg, ml_collections.FrozenConfigDict):
+    return cfg
   over = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return ml_collections.ConfigDict(_merge(DEFAULTS, over))
+  return ml_collections.FrozenConfigDict(_merge(DEFAULTS, over))

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -200,13 +202,19 @@ def run_epoch(cfg, steps, state, bags, labels2, order, base_key, epoch: int,
 
 
 # Compiled functions are cached per (module, config, ...) so that phases,
-# predict and repeated fits of the same head reuse one XLA compilation.
-_CACHE: dict = {}
+# predict and repeated fits of the same head reuse one XLA compilation. The
+# least recently used entries go first, so a long study does not grow it.
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 32
 
 
 def _cached(key, make):
-  if key not in _CACHE:
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+  else:
     _CACHE[key] = make()
+    if len(_CACHE) > _CACHE_SIZE:
+      _CACHE.popitem(last=False)
   return _CACHE[key]
 
 
@@ -234,7 +242,7 @@ def _steps(cfg, spec, model, task_mask, total_steps, param_labels):
   if cfg.schedule == "constant" and (cfg.aem_schedule == "constant"
                                      or heads.aem_weight(cfg) == 0):
     total_steps = 1  # no schedule reads it
-  key = ("steps", model, json.dumps(step_cfg, sort_keys=True, default=str),
+  key = ("steps", model, ml_collections.FrozenConfigDict(step_cfg),
          tuple(bool(t) for t in task_mask), total_steps, labels_key)
 
   def make():
