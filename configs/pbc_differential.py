@@ -6,7 +6,8 @@ monocytes, eosinophils and basophils in differential-like proportions
 fraction ``witness_rate`` of it with ``ig`` (immature granulocytes) or
 ``erythroblast`` cells (one of the two per bag), which are absent from
 healthy peripheral blood; each bag carries one label per abnormal class
-(multi-task bags, per-class rows in ``results.md``). The normal cells are thus much more varied than in ``pbc_lymphocyte``. Cells are
+(multi-task bags, per-class rows in ``results.md``). The normal cells are thus
+much more varied than in ``pbc_lymphocyte``. Cells are
 split train/test per class first, then bagged; no cell is in two splits.
 
 Lymphocytes (about 607 per split) are the scarcest at 30 %: the defaults

@@ -23,3 +23,7 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
   """See :func:`slamjax.features.pipeline.train_and_evaluate_features`."""
   from slamjax.features import pipeline  # imports jax/flax; keep the package light
   return pipeline.train_and_evaluate_features(cfg, workdir)
+
+
+__all__ = ["FeatureDataError", "FeatureDataset", "export_attention", "export_bag_attention",
+           "export_embeddings", "load_feature_folder", "train_and_evaluate_features"]

@@ -317,7 +317,7 @@ def akd_loss(student_logits, teacher_logits, label, label_known, temperature: fl
   return jnp.sum(jnp.where(label_known, per_task, 0.0), -1)
 
 
-def balanced_weights(labels) -> "np.ndarray":
+def balanced_weights(labels):
   """Class-balanced resampling weight of each bag (teacher phase).
 
   w_i = max over the tasks bag i is labelled for of 1 / freq_t(y_it), where

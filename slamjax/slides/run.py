@@ -128,7 +128,6 @@ def run_slides(cfg, workdir: str) -> dict:
                                  os.path.join(workdir, "folds"), mesh)
     timing[f"cv_{method}"] = time.perf_counter() - t0
 
-  final = None
   if cfg.eval.final_model:
     t0 = time.perf_counter()
     train_all = np.flatnonzero(cohort.labelled())
@@ -138,7 +137,6 @@ def run_slides(cfg, workdir: str) -> dict:
     result = fold_run.train_model(cfg, cohort, train_all,
                                   {"unlabeled": unlabeled} if len(unlabeled) else {},
                                   final_dir, mesh)
-    final = {"thresholds": result["thresholds"], "dir": final_dir}
     if distributed.is_main_process():
       with open(os.path.join(final_dir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))

@@ -1,7 +1,6 @@
 """Padded-bag masks and padding invariance of the ABMIL head."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from slamjax.mil import abmil, padding

@@ -13,10 +13,8 @@ from configs import features_folder
 from slamjax import config as config_lib
 from slamjax import evaluate
 from slamjax import runners
-from slamjax import train
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
-from slamjax.features import FeatureDataError
 from slamjax.features import export
 from slamjax.features import pipeline
 from slamjax.mil import train as mil_train

@@ -1,6 +1,5 @@
 """Shared fixtures of the MIL tests: a toy MIL task."""
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
