@@ -25,6 +25,7 @@ def _main(*args, timeout=900):
                         timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_through_main(tmp_path):
   wd = str(tmp_path / "run")
   r = _main("--workdir", wd, "--config.mil.epochs=3", "--config.mil.heads=abmil,aem")
@@ -58,6 +59,7 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+@pytest.mark.slow
 def test_multi_label_bags_train_heads_on_one_task_per_abnormal_class(tmp_path, fast_compile):
   cfg = default.get_config("quick")
   cfg.data.num_per_class = {"normal": 200, "blast": 30, "erythroblast": 30}

@@ -59,6 +59,7 @@ def _features(workdir):
   return out
 
 
+@pytest.mark.slow
 def test_main_on_two_processes_matches_one_process(tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   port = launch.free_port()

@@ -27,6 +27,7 @@ def _read_csv(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_main_command_trains_a_head_from_h5_npz_npy(mixed_folder, tmp_path):
   root, info = mixed_folder
   wd = str(tmp_path / "run")

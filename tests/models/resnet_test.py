@@ -103,9 +103,49 @@ def test_invalid_impl():
 
 
 def test_get_model_from_config():
-  cfg = ml_collections.ConfigDict(dict(name="resnet18", width=4, proj_dims=(8, 8), impl="cpu"))
+  from slamjax.config import base
+  cfg = base.get_config().model
+  cfg.width, cfg.proj_dims, cfg.impl = 4, (8, 8), "cpu"
   model = resnet.get_model(cfg)
   assert (model.width, tuple(model.proj_dims), model.impl) == (4, (8, 8), "cpu")
+  assert (model.head_norm, model.projection) == (False, "shared")
+  cfg.projection = "per_task"
+  assert resnet.get_model(cfg).projection == "per_task"
   cfg.name = "vit"
   with pytest.raises(ValueError, match="resnet18"):
     resnet.get_model(cfg)
+  with pytest.raises(ValueError, match="per_task"):
+    resnet.Encoder(width=4, proj_dims=(8,), projection="two")
+
+
+def test_per_task_heads():
+  x = _x(2)
+  per_task = resnet.Encoder(width=WIDTH, proj_dims=PROJ, impl="native", projection="per_task")
+  shared_shapes = jax.eval_shape(lambda k: resnet.Encoder(
+      width=WIDTH, proj_dims=PROJ, impl="native").init(k, x, train=False), jax.random.key(0))
+  assert set(shared_shapes["params"]) == {"backbone", "head"}
+
+  @jax.jit
+  def run(key, x):
+    v = per_task.init(key, x, train=False)
+    feats, z = per_task.apply(v, x, train=False)  # default: the SimCLR head
+    feats_s, z_s = per_task.apply(v, x, train=False, task="similarity")
+    z_p = per_task.apply(v, feats, train=False, task="similarity",
+                         method=resnet.Encoder.project)
+    return v, (feats, z, feats_s, z_s, z_p)
+
+  v, (feats, z, feats_s, z_s, z_p) = run(jax.random.key(0), x)
+  assert set(v["params"]) == {"backbone", "head", "sim_head"}
+  assert jax.tree.structure(v["params"]["head"]) == jax.tree.structure(
+      v["params"]["sim_head"])
+  np.testing.assert_array_equal(feats, feats_s)
+  np.testing.assert_allclose(z_p, z_s, rtol=1e-5, atol=1e-6)
+  # The default output (what embed.output='projection' reads) is the SimCLR
+  # head's: the dense layers applied by hand give it back.
+  h = v["params"]["head"]
+  want = jnp.maximum(feats @ h["dense1"]["kernel"] + h["dense1"]["bias"], 0)
+  want = want @ h["dense2"]["kernel"] + h["dense2"]["bias"]
+  np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(z, z_s)
+  with pytest.raises(ValueError, match="simclr"):
+    jax.eval_shape(lambda: per_task.apply(v, x, train=False, task="other"))

@@ -147,6 +147,7 @@ def _check(name, nb, seconds, record_property):
       f"{NOTEBOOKS[name]['min_figures']} (is the inline backend active?)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart", "gradient_surgery"])
 def test_notebook_executes(name, kernel, tmp_path, record_property):
   limit = NOTEBOOKS[name]["limit_s"]
@@ -154,6 +155,7 @@ def test_notebook_executes(name, kernel, tmp_path, record_property):
   _check(name, nb, seconds, record_property)
 
 
+@pytest.mark.slow
 def test_pbc_attention_executes(kernel, tmp_path, record_property):
   if not os.path.isdir(PBC_ROOT):
     pytest.skip(f"PBC data not found at {PBC_ROOT} (the no-data path is tested below)")
@@ -163,6 +165,7 @@ def test_pbc_attention_executes(kernel, tmp_path, record_property):
   _check("pbc_attention", nb, seconds, record_property)
 
 
+@pytest.mark.slow
 def test_pbc_attention_without_data_explains_and_skips(kernel, tmp_path):
   missing = tmp_path / "no_pbc_here"
   nb, _ = run_notebook("pbc_attention", kernel, tmp_path / "work", 120,

@@ -125,6 +125,7 @@ def test_collapse_summary_flags_a_collapsed_history():
   assert not run.collapse_summary(healthy, 64)["collapsed"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(config_lib.load("pbc_lymphocyte", "quick").data.root),
                     reason="PBC cells not available")
 def test_quick_study_records_resumes_and_reports(tmp_path):
