@@ -153,6 +153,14 @@ def _check_classes(wanted: Sequence[str] | None, available: Sequence[str],
   return wanted
 
 
+def _has_images(folder_path: str) -> bool:
+  for dirpath, dirnames, filenames in os.walk(folder_path):
+    dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) and not _is_hidden(f) for f in filenames):
+      return True
+  return False
+
+
 def scan_folder(root: str, *, classes: Sequence[str] | None = None,
                 manifest: str | None = None,
                 max_per_class: int | None = None, seed: int = 0,
@@ -196,6 +204,12 @@ def scan_folder(root: str, *, classes: Sequence[str] | None = None,
         by_class[name] = []
     where = f"{root!r}"
   names = _check_classes(classes, sorted(by_class), where)
+  if classes is None and not manifest:  # an unused empty folder must not block a run
+    empty = [n for n in names if not _has_images(os.path.join(root, n))]
+    if empty:
+      print(f"data: skipping class folder(s) {empty} of {root!r}: no image files "
+            "(config.data.classes=a,b loads only the classes named)", flush=True)
+      names = [n for n in names if n not in empty]
 
   paths, labels = [], []
   rng = np.random.default_rng([seed, 7])
@@ -225,7 +239,8 @@ def scan_folder(root: str, *, classes: Sequence[str] | None = None,
     if not good:
       raise FolderDataError(
           f"Class folder {os.path.join(root, name)!r} holds no image files"
-          + (f" ({len(files)} other file(s))" if files else ""))
+          + (f" ({len(files)} other file(s))" if files else "")
+          + f"; config.data.classes={list(names)} asks for it")
     if max_per_class is not None and len(good) > max_per_class:
       keep = np.sort(rng.choice(len(good), max_per_class, replace=False))
       good = [good[i] for i in keep]

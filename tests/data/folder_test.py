@@ -45,11 +45,17 @@ def test_sizes_and_non_square_images(tmp_path):
   assert pool.images[0, 0, 0].tolist() == [128] * 3  # gray.png sorts first
 
 
-def test_empty_class_folder(make_folder):
+def test_empty_class_folder(make_folder, capsys):
   root = make_folder({"normal": 3})
   os.makedirs(os.path.join(root, "blast"))
-  with pytest.raises(folder.FolderDataError, match=r"blast.*holds no image files"):
-    folder.load_folder(root)
+  # Unused (all classes loaded): skipped with a note, not an error.
+  pool, _ = folder.load_folder(root, image_size=8)
+  assert pool.class_names == ("normal",) and "skipping class folder(s) ['blast']" in (
+      capsys.readouterr().out)
+  # Asked for by name: an error naming the folder and config.data.classes.
+  with pytest.raises(folder.FolderDataError,
+                     match=r"blast.*holds no image files; config.data.classes="):
+    folder.load_folder(root, classes=["normal", "blast"])
 
 
 def test_unknown_class_lists_available(make_folder):
