@@ -156,12 +156,16 @@ def plot_attention(path: str, images: list[np.ndarray], attention: list[np.ndarr
 
 
 def plot_pretrain_curves(path: str, history: list[dict]) -> None:
-  """Both task losses and the gradient cosine over pretraining steps."""
+  """Both task losses (NT-Xent with its collapse level log(2B-1)) and the
+  gradient cosine over pretraining steps."""
   if not history:
     return
   steps = [h["step"] for h in history]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
   axes[0].plot(steps, [h["loss_simclr"] for h in history], label="SimCLR (positive bags)")
+  if "ntxent_uniform" in history[-1]:  # NT-Xent of a collapsed projection
+    axes[0].axhline(history[-1]["ntxent_uniform"], color="C3", ls="--", lw=1,
+                    label="log(2B-1): collapsed")
   axes[0].set_ylabel("NT-Xent loss")
   axes[1].plot(steps, [h["loss_sim"] for h in history], color="C1",
                label="similarity (negative bags)")
