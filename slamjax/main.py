@@ -6,6 +6,7 @@ r"""Command line entry point (kept thin; ``config.runner`` picks the work: slamj
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines
 
@@ -19,6 +20,20 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line message (not three chained
+  tracebacks) for a misspelt ``--config.`` override or a bad flag value."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    msg = (e.args[0] if e.args else str(e))
+    msg = str(msg).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.stderr.write(f"slamjax: bad command line: {msg}\n  in {' '.join(bad) or argv[1:]}\n"
+                     "  (every config key and its meaning: slamjax/config/base.py)\n")
+    sys.exit(2)
 
 
 def main(argv):
@@ -43,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

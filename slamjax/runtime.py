@@ -22,6 +22,7 @@ def enable_compilation_cache() -> None:
 
 def hide_accelerators_from_tensorflow() -> None:
   """TensorFlow (clu's TensorBoard writer) must not take the GPU's memory."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # its start-up banner lines
   try:
     import tensorflow as tf
   except ImportError:

@@ -94,8 +94,12 @@ def test_multi_label_bags_train_heads_on_one_task_per_abnormal_class(tmp_path, f
 
 def test_unknown_override_is_rejected_before_training(tmp_path):
   r = _main("--workdir", str(tmp_path / "x"), "--config.pretrain.epoch=3", timeout=120)
-  assert r.returncode != 0 and "epoch" in r.stderr
+  assert r.returncode == 2 and "bad command line" in r.stderr and "epochs" in r.stderr
+  assert "Traceback" not in r.stderr  # one message, not chained tracebacks
   assert not os.path.exists(tmp_path / "x" / "pretrain_ckpt")
+  (tmp_path / "file").write_text("")
+  r = _main("--workdir", str(tmp_path / "file"), timeout=120)
+  assert r.returncode != 0 and "is a file; give a folder" in r.stderr
 
 
 @pytest.mark.parametrize("field,value,match", [
