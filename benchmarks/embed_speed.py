@@ -40,7 +40,7 @@ def make_jax_embed(size: int, n: int, batch: int, width: int, proj: int, impl: s
   cfg.embed.batch_size = batch
   mesh = sharding.make_mesh(-1)
   model, tx, _ = pretrain.build(cfg, steps_per_epoch=1)
-  state = pretrain.init_state(cfg, model, tx, mesh, image_size=size)
+  state = pretrain.init_state(cfg, model, tx, mesh)
   fn = embed.make_embed_fn(cfg, model, mesh)
   images = _images(n, size)
   return lambda: embed.embed_images(cfg, model, state, images, mesh, fn=fn)

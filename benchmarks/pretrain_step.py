@@ -71,7 +71,7 @@ def make_jax_step(size: int, batch: int, width: int, proj: int, impl: str,
   cfg = jax_config(size, batch, width, proj, impl, surgery)
   mesh = sharding.make_mesh(-1)
   model, tx, _ = pretrain.build(cfg, steps_per_epoch=1000)
-  state = pretrain.init_state(cfg, model, tx, mesh, image_size=size)
+  state = pretrain.init_state(cfg, model, tx, mesh)
   step_fn = pretrain.make_train_step(cfg, model, tx, mesh)
   rng = np.random.RandomState(0)
   half = batch // 2

@@ -1,5 +1,11 @@
 """Jitted, batched embedding extraction with a frozen encoder.
 
+``embed.output`` picks the features: ``'backbone'`` (the pooled ResNet
+features) or ``'projection'`` (the projection head's output, as the
+reference). With ``model.projection='per_task'``, ``'projection'`` is the
+SimCLR head's output: the similarity head is trained to pull cells together
+and would carry less information.
+
 Example:
   >>> import numpy as np
   >>> from configs import default
@@ -7,7 +13,7 @@ Example:
   >>> cfg = default.get_config("quick")
   >>> mesh = sharding.make_mesh(-1)
   >>> model, tx, _ = pretrain.build(cfg, steps_per_epoch=1)
-  >>> state = pretrain.init_state(cfg, model, tx, mesh, image_size=40)
+  >>> state = pretrain.init_state(cfg, model, tx, mesh)
   >>> emb = embed_images(cfg, model, state, np.zeros((5, 40, 40, 3), np.uint8), mesh)
   >>> emb.shape
   (5, 64)
@@ -33,8 +39,9 @@ def make_embed_fn(cfg, model, mesh):
 
   def fn(params, batch_stats, images):
     x = augment.eval_view(images, a.crop_size, a.mean, a.std)
+    # task='simclr': the SimCLR head's projection when heads are per task.
     feats, z = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                           train=False)
+                           train=False, task="simclr")
     return z if output == "projection" else feats
 
   # Replicated output: XLA all-gathers the embeddings, so every process of a

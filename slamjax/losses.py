@@ -6,6 +6,11 @@ are L2-normalised inside. Definitions follow the reference code (see
 the SupCon-form similarity loss without a softmax denominator, where every
 pair of slide-negative embeddings is a positive pair.
 
+Two variants against collapse (not in the reference): the similarity loss
+with a softmax denominator that also holds other cells
+(:func:`similarity_repel_loss`), and a VICReg-style variance floor
+(:func:`variance_hinge`).
+
 Example:
   >>> import jax.numpy as jnp
   >>> z = jnp.eye(4)
@@ -55,6 +60,54 @@ def similarity_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.07,
   off_diag = 1.0 - jnp.eye(m, dtype=logits.dtype)
   mean_pos = jnp.sum(logits * off_diag, axis=1) / jnp.maximum(m - 1, 1)
   return -(temperature / base_temperature) * jnp.mean(mean_pos)
+
+
+def similarity_repel_loss(z1: jax.Array, z2: jax.Array, z_other: jax.Array,
+                          temperature: float = 0.07,
+                          base_temperature: float = 0.07) -> jax.Array:
+  """Similarity loss with repulsion: SupCon with ``z_other`` as negatives.
+
+  The 2B views of slide-negative cells (``z1``, ``z2``) are the anchors and
+  each other's positives; the softmax denominator of anchor i runs over
+  every other view, slide-negative and ``z_other`` (e.g. the views of the
+  batch's positive-bag cells) alike:
+
+    L = -(t / t_b) mean_i mean_{p != i} [s_ip / t - log sum_{k != i} exp(s_ik / t)]
+
+  with k over the 2B negative-bag views and the rows of ``z_other``. So
+  negative-bag cells attract each other and repel ``z_other``; a constant
+  representation is no longer a minimiser (it costs log(2B - 1 + M), M the
+  rows of ``z_other``).
+  """
+  z = _normalize(jnp.concatenate([z1, z2], axis=0))
+  o = _normalize(z_other)
+  m = z.shape[0]
+  self_mask = jnp.eye(m, dtype=bool)
+  logits = jnp.where(self_mask, -jnp.inf, z @ z.T / temperature)
+  log_denom = jax.nn.logsumexp(
+      jnp.concatenate([logits, z @ o.T / temperature], axis=1), axis=1, keepdims=True)
+  log_prob = jnp.where(self_mask, 0.0, logits - log_denom)
+  mean_pos = jnp.sum(log_prob, axis=1) / jnp.maximum(m - 1, 1)
+  return -(temperature / base_temperature) * jnp.mean(mean_pos)
+
+
+def variance_hinge(z: jax.Array, target: float = 1.0, eps: float = 1e-4) -> jax.Array:
+  """VICReg-style variance floor on the L2-normalised projections.
+
+  ``mean_d relu(target - sqrt(var_d + eps))`` of ``z / |z| * sqrt(D)`` over
+  the batch (rows of ``z``). The scaling makes the per-dimension std 1 for
+  directions spread uniformly over the sphere and 0 for a collapsed
+  (constant) projection: the same scale as the logged ``embed_std``. On
+  normalised vectors (the losses only see directions) the floor cannot be
+  met by inflating the norm.
+
+  Example:
+    >>> round(float(variance_hinge(jnp.ones((4, 3)))), 2)  # collapsed: 1 - 0.01
+    0.99
+  """
+  zn = _normalize(z) * jnp.sqrt(z.shape[-1])
+  std = jnp.sqrt(jnp.var(zn, axis=0) + eps)
+  return jnp.mean(jax.nn.relu(target - std))
 
 
 def bag_label_bce(logits: jax.Array, label: float) -> jax.Array:

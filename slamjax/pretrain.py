@@ -9,13 +9,32 @@ the summed loss with respect to both copies yields the two gradients. They
 are stacked on a leading task axis and handed to a ``slamjax.surgery``
 transform, which sits first in the optax chain.
 
+Variants against the collapse of the reference recipe (config keys, all off
+by default):
+
+* ``model.projection='per_task'``: the similarity task reads its own head
+  (``sim_head``); each head gets zero gradient from the other task, so the
+  tasks share, and surgery arbitrates, only the backbone.
+* ``pretrain.similarity='repel'``: the similarity loss's softmax denominator
+  also holds the batch's positive-bag views
+  (:func:`slamjax.losses.similarity_repel_loss`). Their backbone features are
+  the SimCLR forward's, detached: the repulsion moves the similarity task's
+  own parameter copy through the negative-bag cells (and, through its head,
+  the projection of the positive-bag features), never the SimCLR gradient,
+  and costs no extra ResNet pass.
+* ``pretrain.variance_weight > 0``: a VICReg-style variance floor on the
+  negative-bag cells' projections, added to the similarity task
+  (:func:`slamjax.losses.variance_hinge`).
+
+Every logged step is checked for collapse (:mod:`slamjax.collapse`).
+
 Example (a two-step run on random cells):
   >>> import numpy as np
   >>> from configs import default
   >>> cfg = default.get_config("quick")
   >>> mesh = sharding.make_mesh(-1)
   >>> model, tx, _ = build(cfg, steps_per_epoch=2)
-  >>> state = init_state(cfg, model, tx, mesh, image_size=40)
+  >>> state = init_state(cfg, model, tx, mesh)
   >>> step = make_train_step(cfg, model, tx, mesh)
   >>> imgs = np.zeros((16, 40, 40, 3), np.uint8)
   >>> state, m = step(state, sharding.shard_batch(mesh, {"pos": imgs, "neg": imgs}))
@@ -37,6 +56,7 @@ import ml_collections
 import optax
 
 from slamjax import checkpoint as ckpt_lib
+from slamjax import collapse as collapse_lib
 from slamjax import distributed
 from slamjax import losses
 from slamjax import progress as progress_lib
@@ -51,6 +71,8 @@ TASKS = ("simclr", "similarity")
 # With the "bag_label" objective the two task slots hold the BCE of the
 # positive-bag and of the negative-bag cells; metric names stay the same.
 OBJECTIVES = ("slam", "bag_label")
+# pretrain.similarity: the reference's pure attraction, or with repulsion.
+SIMILARITIES = ("attract", "repel")
 
 
 @flax.struct.dataclass
@@ -79,11 +101,14 @@ def build_surgery(cfg, model=None) -> optax.GradientTransformation:
 
   Per-leaf surgery (as GradVac's per-layer groups) resolves conflicts inside
   every weight tensor separately instead of on the whole parameter vector.
+  The training loop logs ``surgery.diagnostics``, so they are asked for
+  (with ``model`` granularity; plain ``sum`` would otherwise skip them).
   """
   name = cfg.pretrain.surgery
   kwargs = dict(cfg.pretrain.get("surgery_kwargs", {}) or {})
-  make = lambda: surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
   granularity = cfg.pretrain.get("surgery_granularity", "model")
+  kwargs.setdefault("diagnostics", granularity == "model")
+  make = lambda: surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
   if granularity == "model":
     return make()
   if granularity != "leaf":
@@ -109,7 +134,7 @@ def build(cfg, steps_per_epoch: int):
   return model, tx, schedule
 
 
-def init_state(cfg, model, tx, mesh, image_size: int) -> TrainState:
+def init_state(cfg, model, tx, mesh) -> TrainState:
   """Initialises the replicated train state directly on the mesh."""
   crop = cfg.augment.crop_size
 
@@ -121,21 +146,29 @@ def init_state(cfg, model, tx, mesh, image_size: int) -> TrainState:
                       opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(cfg.seed + 1))
 
-  del image_size
   rng = jax.random.PRNGKey(cfg.seed)
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
 
 
 def objective(cfg) -> str:
   """'slam' (SimCLR + similarity) or 'bag_label' (weakly supervised baseline)."""
-  name = cfg.pretrain.get("objective", "slam")
+  p = cfg.pretrain
+  name = p.objective
   if name not in OBJECTIVES:
     raise ValueError(f"config.pretrain.objective={name!r}; valid: {OBJECTIVES}")
+  if p.similarity not in SIMILARITIES:
+    raise ValueError(f"config.pretrain.similarity={p.similarity!r}; valid: {SIMILARITIES}")
   if name == "bag_label" and tuple(cfg.model.proj_dims)[-1:] != (1,):
     raise ValueError(
         "config.pretrain.objective='bag_label' classifies cells with the "
         "projection head, so config.model.proj_dims must end in 1, got "
         f"{tuple(cfg.model.proj_dims)}; embed with config.embed.output='backbone'")
+  if name == "bag_label" and (p.similarity != "attract" or p.variance_weight
+                              or cfg.model.projection != "shared"):
+    raise ValueError(
+        "config.pretrain.objective='bag_label' has no similarity task: it takes "
+        "neither pretrain.similarity='repel', pretrain.variance_weight > 0 nor "
+        "model.projection='per_task'")
   return name
 
 
@@ -167,68 +200,112 @@ def _task_grad_metrics(stacked_grads) -> dict:
               grad_norm_simclr=norms[0], grad_norm_sim=norms[1])
 
 
-def make_train_step(cfg, model, tx, mesh, per_task: bool = True):
-  """Returns the jitted ``step(state, batch) -> (state, metrics)``.
+def make_loss_fn(cfg, model):
+  """``loss_fn(params_pos, params_neg, batch_stats, pos_views, neg_views)``.
 
-  ``batch`` is ``{"pos": uint8 [Bp,H,W,3], "neg": uint8 [Bn,H,W,3]}`` sharded
-  over the mesh's ``data`` axis. With ``per_task=False`` the step
-  differentiates the plain summed loss once (the benchmark baseline; the
-  optimizer must then not start with a surgery transform).
+  Returns ``(weighted total, aux)``. The SimCLR task reads only
+  ``params_pos`` and the similarity task only ``params_neg``, so the
+  gradients with respect to the two arguments (both given the same
+  parameters) are the two task gradients. ``pos_views`` / ``neg_views`` are
+  normalised float views (two per cell, stacked; one for 'bag_label');
+  ``aux`` holds the unweighted task losses (``loss_sim`` without the
+  variance term, ``loss_task_sim`` with it), ``loss_var``, the spreads and
+  the new BatchNorm statistics.
   """
-  t, tb = cfg.pretrain.temperature, cfg.pretrain.base_temperature
+  p = cfg.pretrain
+  t, tb = p.temperature, p.base_temperature
+  bag_label = objective(cfg) == "bag_label"
+  repel = p.similarity == "repel"
+  variance_weight = float(p.variance_weight)
+  w = tuple(p.task_weights)
 
-  def forward(params, batch_stats, x):
+  def forward(params, batch_stats, x, task):
     (feats, z), upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                  x, train=True, mutable=["batch_stats"])
+                                  x, train=True, task=task, mutable=["batch_stats"])
+    return feats, z, upd["batch_stats"]
+
+  def project(params, batch_stats, feats, task):
+    z, upd = model.apply({"params": params, "batch_stats": batch_stats}, feats,
+                         train=True, task=task, method=type(model).project,
+                         mutable=["batch_stats"])
     return z, upd["batch_stats"]
 
-  bag_label = objective(cfg) == "bag_label"
-
-  def task_losses(z_pos, z_neg, n_pos, n_neg):
-    if bag_label:  # cells inherit their bag's label; tasks = the two bag kinds
-      w_pos = n_pos / (n_pos + n_neg)  # so that the plain sum is the batch BCE
-      return (w_pos * losses.bag_label_bce(z_pos, 1.0),
-              (1.0 - w_pos) * losses.bag_label_bce(z_neg, 0.0))
-    return (losses.nt_xent(z_pos[:n_pos], z_pos[n_pos:], t),
-            losses.similarity_loss(z_neg[:n_neg], z_neg[n_neg:], t, tb))
+  def spread(z):
+    zn = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    return jnp.mean(jnp.std(zn, axis=0)) * jnp.sqrt(zn.shape[-1])
 
   def loss_fn(params_pos, params_neg, batch_stats, pos_views, neg_views):
     # Each task gets its own forward (and BN statistics), as in the reference.
-    z_pos, batch_stats = forward(params_pos, batch_stats, pos_views)
-    z_neg, batch_stats = forward(params_neg, batch_stats, neg_views)
-    views = 1 if bag_label else 2
-    l_simclr, l_sim = task_losses(z_pos, z_neg, pos_views.shape[0] // views,
-                                  neg_views.shape[0] // views)
-    zn = z_pos / jnp.linalg.norm(z_pos, axis=-1, keepdims=True)
-    aux = dict(loss_simclr=l_simclr, loss_sim=l_sim,
-               embed_std=jnp.mean(jnp.std(zn, axis=0)) * jnp.sqrt(zn.shape[-1]),
-               batch_stats=batch_stats)
-    w = cfg.pretrain.get("task_weights", (1.0, 1.0))
-    return w[0] * l_simclr + w[1] * l_sim, aux
+    feats_pos, z_pos, batch_stats = forward(params_pos, batch_stats, pos_views, "simclr")
+    _, z_neg, batch_stats = forward(params_neg, batch_stats, neg_views, "similarity")
+    aux = {}
+    if bag_label:  # cells inherit their bag's label; tasks = the two bag kinds
+      n_pos, n_neg = pos_views.shape[0], neg_views.shape[0]
+      w_pos = n_pos / (n_pos + n_neg)  # so that the plain sum is the batch BCE
+      l_simclr = w_pos * losses.bag_label_bce(z_pos, 1.0)
+      l_sim = (1.0 - w_pos) * losses.bag_label_bce(z_neg, 0.0)
+      l_task1 = l_sim
+    else:
+      n_pos, n_neg = pos_views.shape[0] // 2, neg_views.shape[0] // 2
+      l_simclr = losses.nt_xent(z_pos[:n_pos], z_pos[n_pos:], t)
+      if repel:
+        # The positive-bag views to repel: the SimCLR forward's backbone
+        # features, detached, projected by the similarity task's own head
+        # and parameter copy. So the SimCLR gradient never sees this loss.
+        z_rep, batch_stats = project(params_neg, batch_stats,
+                                     jax.lax.stop_gradient(feats_pos), "similarity")
+        l_sim = losses.similarity_repel_loss(z_neg[:n_neg], z_neg[n_neg:], z_rep, t, tb)
+      else:
+        l_sim = losses.similarity_loss(z_neg[:n_neg], z_neg[n_neg:], t, tb)
+      l_task1 = l_sim
+      if variance_weight:
+        l_var = losses.variance_hinge(z_neg, p.variance_target)
+        l_task1 = l_sim + variance_weight * l_var
+        aux["loss_var"] = l_var
+      aux["embed_std_neg"] = spread(z_neg)
+    aux.update(loss_simclr=l_simclr, loss_sim=l_sim, loss_task_sim=l_task1,
+               embed_std=spread(z_pos), batch_stats=batch_stats)
+    return w[0] * l_simclr + w[1] * l_task1, aux
+
+  return loss_fn
+
+
+def make_train_step(cfg, model, tx, mesh):
+  """Returns the jitted ``step(state, batch) -> (state, metrics)``.
+
+  ``batch`` is ``{"pos": uint8 [Bp,H,W,3], "neg": uint8 [Bn,H,W,3]}`` sharded
+  over the mesh's ``data`` axis. Besides the losses and the two task
+  gradients' cosine and norms, the metrics hold ``embed_std`` (spread of the
+  positive-bag cells' normalised SimCLR projections, times sqrt(D)),
+  ``embed_std_neg`` (the same for the negative-bag cells' similarity-task
+  projections) and ``ntxent_uniform`` (log(2B-1), NT-Xent at uniform
+  similarity): see :mod:`slamjax.collapse`.
+  """
+  bag_label = objective(cfg) == "bag_label"
+  loss_fn = make_loss_fn(cfg, model)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     pos_views, neg_views = _views(cfg, rng, batch["pos"], batch["neg"],
                                   two_views=not bag_label)
-    if per_task:
-      grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
-          state.params, state.params, state.batch_stats, pos_views, neg_views)
-      updates_in = jax.tree.map(lambda a, b: jnp.stack([a, b]), *grads)
-      extra = _task_grad_metrics(updates_in)
-    else:
-      updates_in, aux = jax.grad(
-          lambda p: loss_fn(p, p, state.batch_stats, pos_views, neg_views),
-          has_aux=True)(state.params)
-      extra = {}
+    grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params, state.params, state.batch_stats, pos_views, neg_views)
+    updates_in = jax.tree.map(lambda a, b: jnp.stack([a, b]), *grads)
     updates, opt_state = tx.update(updates_in, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=aux["loss_simclr"] + aux["loss_sim"],
+    metrics = dict(loss=aux["loss_simclr"] + aux["loss_task_sim"],
                    loss_simclr=aux["loss_simclr"], loss_sim=aux["loss_sim"],
                    embed_std=aux["embed_std"],
                    update_norm=optax.tree.norm(updates),
-                   param_norm=optax.tree.norm(params), **extra)
-    diag = {} if cfg.pretrain.get("surgery_granularity", "model") == "leaf" else (
-        surgery.diagnostics(opt_state))
+                   param_norm=optax.tree.norm(params), **_task_grad_metrics(updates_in))
+    for k in ("loss_var", "embed_std_neg"):
+      if k in aux:
+        metrics[k] = aux[k]
+    if not bag_label:
+      metrics["ntxent_uniform"] = jnp.float32(
+          collapse_lib.ntxent_uniform(pos_views.shape[0] // 2))
+    diag = ({} if cfg.pretrain.surgery_granularity == "leaf"
+            else surgery.diagnostics(opt_state))
     for k, v in diag.items():
       if v.ndim == 0:
         metrics[f"surgery/{k}"] = v
@@ -248,8 +325,10 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   """Runs (or resumes) pretraining on the cells of the training bags.
 
   Writes checkpoints to ``workdir/pretrain_ckpt``, TensorBoard summaries to
-  ``workdir/tb/pretrain`` and the metric history to
-  ``workdir/pretrain_metrics.jsonl``; returns the final train state.
+  ``workdir/tb/pretrain``, the metric history to
+  ``workdir/pretrain_metrics.jsonl`` and (objective 'slam') the collapse
+  summary to ``workdir/pretrain_collapse.json``, warning on the console the
+  first time a logged step has collapsed; returns the final train state.
   """
   train = bags["train"]
   batcher = batching.ProportionalBatcher(
@@ -257,7 +336,7 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
       seed=cfg.seed, multiple=mesh.size)
   total = cfg.pretrain.epochs * batcher.steps_per_epoch
   model, tx, schedule = build(cfg, batcher.steps_per_epoch)
-  state = init_state(cfg, model, tx, mesh, pool.images.shape[1])
+  state = init_state(cfg, model, tx, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"))
   start = 0
   log_path = os.path.join(workdir, "pretrain_metrics.jsonl")
@@ -265,8 +344,16 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
     state = ckpt.restore(state)
     start = int(state.step)
     print(f"pretrain: resumed from step {start}", flush=True)
-  if distributed.is_main_process():
+  main_process = distributed.is_main_process()
+  if main_process:
     _truncate_log(log_path, start)
+  monitor = None
+  if objective(cfg) == "slam":
+    monitor = collapse_lib.Monitor(
+        batcher.b_pos, cfg.pretrain.collapse_spread, cfg.pretrain.collapse_margin,
+        cfg.pretrain.collapse_patience,
+        history=_read_log(log_path) if main_process and start else (),
+        echo=main_process)
   print(f"pretrain: {len(batcher.pos_cells)} positive-bag and "
         f"{len(batcher.neg_cells)} negative-bag cells; batch {batcher.b_pos}+"
         f"{batcher.b_neg}; {batcher.steps_per_epoch} steps/epoch; {total} steps; "
@@ -288,16 +375,33 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
       m["epoch"] = done / batcher.steps_per_epoch
       progress_lib.check_finite(done, m)
       writer.write_scalars(done, m)
-      if distributed.is_main_process():
+      if main_process:
         with open(log_path, "a") as f:
           f.write(json.dumps({"step": done, **{k: float(v) for k, v in m.items()}}) + "\n")
-      prog.update(done, {k: m[k] for k in ("loss_simclr", "loss_sim", "grad_cos") if k in m})
+      prog.update(done, {k: m[k] for k in ("loss_simclr", "loss_sim", "grad_cos", "embed_std")
+                         if k in m})
+      if monitor is not None:
+        monitor.update(done, {k: float(v) for k, v in m.items()})
     if done % cfg.pretrain.checkpoint_every_steps == 0 or done == total:
       ckpt.save(done, state, force=True)
   ckpt.wait()
   ckpt.close()
   writer.flush()
+  if monitor is not None and main_process:
+    summary = monitor.write(workdir)
+    if summary["collapsed"]:
+      print(f"pretrain: COLLAPSED (first at step {summary['first_step']}; final spread "
+            f"{summary['final_spread']:.3g}, NT-Xent {summary['final_ntxent']:.4g} vs "
+            f"log(2B-1) {summary['ntxent_uniform']:.4g}); see "
+            f"{os.path.join(workdir, collapse_lib.FILENAME)}", flush=True)
   return state
+
+
+def _read_log(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
 
 
 def _truncate_log(path: str, step: int) -> None:

@@ -117,13 +117,18 @@ def get_config() -> ml_collections.ConfigDict:
   # VICReg-style variance floor added to the similarity task: weight *
   # mean over dims of relu(target - std), on the negative-bag cells'
   # normalised projections scaled by sqrt(D) (1 = spread of a uniform sphere).
+  # The similarity loss is scaled by 1/base_temperature (~14), so weights
+  # near 1 are too weak to matter; VICReg's own is 25.
   c.pretrain.variance_weight = 0.0
   c.pretrain.variance_target = 1.0
   # Collapse detector (slamjax/collapse.py): a logged step counts as
   # collapsed when embed_std < collapse_spread, or when NT-Xent is within
-  # collapse_margin of log(2B-1), its value at uniform similarity.
+  # collapse_margin of log(2B-1), its value at uniform similarity; a run,
+  # when collapse_patience consecutive logged steps do (warned on the console,
+  # summarised in workdir/pretrain_collapse.json).
   c.pretrain.collapse_spread = 0.05
   c.pretrain.collapse_margin = 0.05
+  c.pretrain.collapse_patience = 3
   c.pretrain.checkpoint_every_steps = 50
   c.pretrain.log_every_steps = 20
 

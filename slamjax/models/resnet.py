@@ -107,37 +107,68 @@ class ProjectionHead(nn.Module):
     return x
 
 
+# model.projection: one projection head for both tasks (the reference), or
+# one per task on the shared backbone.
+PROJECTIONS = ("shared", "per_task")
+# The pretraining tasks and the head each one reads (per_task projections).
+TASK_HEADS = {"simclr": "head", "similarity": "sim_head"}
+
+
 class Encoder(nn.Module):
-  """ResNet-18 + projection head; returns (pooled features, projection).
+  """ResNet-18 + projection head(s); returns (pooled features, projection).
 
   ``impl`` is ``'auto'``, ``'native'`` or ``'cpu'`` (see the module doc).
+  ``projection='shared'`` (the reference) has one head, ``head``, for both
+  pretraining tasks. ``projection='per_task'`` adds a second head,
+  ``sim_head``, for the similarity task on the same backbone, so the
+  similarity loss can contract its own head without dragging the SimCLR
+  head along; ``task`` picks the head (``'simclr'`` or ``'similarity'``).
+  The default ``task='simclr'`` is the projection that embeddings use
+  (``embed.output='projection'``) in both layouts.
   """
   width: int = 64
   proj_dims: Sequence[int] = (512, 512)
   impl: str = "auto"
   head_norm: bool = False
+  projection: str = "shared"
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # blocks per stage (tests use fewer)
 
   def __post_init__(self):
     if self.impl not in layers.IMPLS:
       raise ValueError(f"Encoder impl={self.impl!r}; valid: {list(layers.IMPLS)}")
+    if self.projection not in PROJECTIONS:
+      raise ValueError(f"Encoder projection={self.projection!r}; valid: {list(PROJECTIONS)}")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    impl = layers.resolve_impl(self.impl)
-    if impl == "cpu":
-      layers.tune_cpu_allocator()
-    feats = ResNet18(width=self.width, impl=impl, name="backbone")(x, train)
-    z = ProjectionHead(self.proj_dims, norm=self.head_norm, name="head")(feats, train)
-    return feats, z
+  def setup(self):
+    self.backbone = ResNet18(width=self.width, stage_sizes=tuple(self.stage_sizes),
+                             impl=layers.resolve_impl(self.impl))
+    self.head = ProjectionHead(self.proj_dims, norm=self.head_norm)
+    if self.projection == "per_task":
+      self.sim_head = ProjectionHead(self.proj_dims, norm=self.head_norm)
+
+  def __call__(self, x, train: bool = True, task: str = "simclr"):
+    feats = self.backbone(x, train)
+    if self.projection == "per_task" and self.is_initializing():
+      for other in TASK_HEADS:  # every head gets its parameters at init
+        if other != task:
+          self.project(feats, train, other)
+    return feats, self.project(feats, train, task)
+
+  def project(self, feats, train: bool = True, task: str = "simclr"):
+    """The projection of pooled features by ``task``'s head."""
+    if task not in TASK_HEADS:
+      raise ValueError(f"task={task!r}; valid: {list(TASK_HEADS)}")
+    if self.projection == "per_task" and task == "similarity":
+      return self.sim_head(feats, train)
+    return self.head(feats, train)
 
 
 def get_model(model_cfg) -> Encoder:
-  """Builds the encoder from ``config.model`` (name, width, proj_dims, impl)."""
-  name = model_cfg.get("name", "resnet18") if hasattr(model_cfg, "get") else model_cfg.name
-  if name != "resnet18":
-    raise ValueError(f"config.model.name={name!r}; valid: ['resnet18']")
-  impl = model_cfg.get("impl", "auto") if hasattr(model_cfg, "get") else model_cfg.impl
-  head_norm = model_cfg.get("head_norm", False) if hasattr(model_cfg, "get") else False
-  return Encoder(width=model_cfg.width, proj_dims=tuple(model_cfg.proj_dims), impl=impl,
-                 head_norm=head_norm)
+  """Builds the encoder from ``config.model`` (name, width, proj_dims, impl,
+  head_norm, projection)."""
+  if model_cfg.name != "resnet18":
+    raise ValueError(f"config.model.name={model_cfg.name!r}; valid: ['resnet18']")
+  return Encoder(width=model_cfg.width, proj_dims=tuple(model_cfg.proj_dims),
+                 impl=model_cfg.impl, head_norm=model_cfg.head_norm,
+                 projection=model_cfg.projection)

@@ -28,7 +28,15 @@ Methods: :func:`sum_tasks`, :func:`mean_tasks`, :func:`pcgrad`,
 :func:`nash_mtl`; by name with :func:`get`. Helpers: :func:`shared_only`
 (surgery on shared parameters, heads summed), :func:`diagnostics`,
 :func:`gram_weighted` (write your own weighting), :func:`gram_matrix`,
-:func:`task_orders`, :func:`reduce_tasks`.
+:func:`task_orders`, :func:`reduce_tasks`, :func:`apply_if_finite` (optax's,
+able to wrap a chain that starts with surgery).
+
+Non-finite gradients: NaN or inf anywhere in the input gives a NaN update
+(everywhere, or only in the affected coordinates for ``sum``/``mean``), which
+``apply_if_finite`` rejects; no method falls back to a finite-looking
+update. Diagnostics: every method but ``sum``/``mean`` forms the Gram matrix
+anyway and records cosines and conflicts for free; ``sum``/``mean`` only
+with ``diagnostics=True``.
 
 This package imports only jax, numpy and optax.
 """
@@ -37,6 +45,7 @@ from slamjax.surgery._aligned_mtl import aligned_mtl
 from slamjax.surgery._base import (
     SurgeryState,
     WeightingContext,
+    apply_if_finite,
     diagnostics,
     gram_matrix,
     gram_weighted,
@@ -58,6 +67,7 @@ __all__ = [
     "WeightingContext",
     "adaptive_pcgrad",
     "aligned_mtl",
+    "apply_if_finite",
     "cagrad",
     "diagnostics",
     "get",

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from slamjax.surgery._base import gram_weighted
@@ -38,8 +39,8 @@ def aligned_mtl_weights(gram: jax.Array, pref: Optional[jax.Array] = None,
 
 
 def aligned_mtl(*, pref: Optional[Sequence[float]] = None,
-                scale_mode: str = "min", num_tasks: Optional[int] = None
-                ) -> optax.GradientTransformationExtraArgs:
+                scale_mode: str = "min", num_tasks: Optional[int] = None,
+                diagnostics: bool = True) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL: make the task gradients orthogonal with equal norms.
 
   Senushkin et al., "Independent Component Alignment for Multi-Task
@@ -54,10 +55,11 @@ def aligned_mtl(*, pref: Optional[Sequence[float]] = None,
   Args:
     pref: ``(T,)`` task preferences; default ones (LibMTL's
       ``alpha = B.sum(0)``; torchjd's default is ``1/T``, i.e. ``T`` times
-      smaller).
+      smaller). Kept in float64 under x64.
     scale_mode: ``'min'`` (paper, default), ``'median'`` or ``'rmse'``
       (torchjd's name for the mean kept eigenvalue).
     num_tasks: number of tasks, for a fixed-shape state.
+    diagnostics: record cosines, conflicts and task norms (free here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
@@ -71,15 +73,20 @@ def aligned_mtl(*, pref: Optional[Sequence[float]] = None,
     >>> out['w']   # both rescaled to the smallest norm, then summed
     Array([1., 1.], dtype=float32)
   """
-  pref_arr = None if pref is None else jnp.asarray(pref, jnp.float32)
+  # numpy float64: cast to the gradients' dtype at trace time, so float64
+  # preferences are not rounded to float32 under x64.
+  pref_arr = None if pref is None else np.asarray(pref, np.float64)
   if scale_mode not in ("min", "median", "rmse"):
     raise ValueError(f"aligned_mtl: scale_mode must be 'min', 'median' or "
                      f"'rmse', got {scale_mode!r}.")
 
   def weighting(ctx):
-    if pref_arr is not None and pref_arr.shape != (ctx.gram.shape[0],):
+    gram = ctx.gram  # normalised: largest diagonal entry 1
+    if pref_arr is not None and pref_arr.shape != (gram.shape[0],):
       raise ValueError(f"aligned_mtl: pref has shape {pref_arr.shape}, "
-                       f"expected ({ctx.gram.shape[0]},).")
-    return aligned_mtl_weights(ctx.gram, pref_arr, scale_mode), ctx.inner
+                       f"expected ({gram.shape[0]},).")
+    p = None if pref_arr is None else jnp.asarray(pref_arr, gram.dtype)
+    return aligned_mtl_weights(gram, p, scale_mode), ctx.inner
 
-  return gram_weighted(weighting, name="aligned_mtl", num_tasks=num_tasks)
+  return gram_weighted(weighting, name="aligned_mtl", num_tasks=num_tasks,
+                       diagnostics=diagnostics)

@@ -12,51 +12,52 @@ from slamjax.surgery._base import gram_weighted
 from slamjax.surgery._pcgrad import task_orders
 
 
-def gradvac_weights(gram: jax.Array, rho_target: jax.Array,
+def gradvac_weights(cos: jax.Array, norms: jax.Array, rho_target: jax.Array,
                     orders: jax.Array, beta: float
                     ) -> tuple[jax.Array, jax.Array]:
   """GradVac for one parameter group: ``(weights (T,), new targets (T, T))``.
 
-  ``gram`` is the group's ``(T, T)`` Gram matrix; ``rho_target[i, j]`` the EMA
-  cosine target of the pair. Row ``i`` of ``W`` holds ``gpc_i`` as weights on
-  the original gradients.
+  ``cos``/``norms`` are the group's cosines and (relative) task norms;
+  ``rho_target[i, j]`` the EMA cosine target of the pair. Row ``i`` of ``U``
+  holds ``gpc_i`` as coefficients on the unit task directions (as in
+  ``pcgrad_weights``), so no squared norm is formed.
   """
-  t = gram.shape[0]
+  t = cos.shape[0]
   if t < 2:
-    return jnp.ones((t,), gram.dtype), rho_target.astype(gram.dtype)
+    return jnp.ones((t,), cos.dtype), rho_target.astype(cos.dtype)
   rows = jnp.arange(t)
-  diag = jnp.maximum(jnp.diagonal(gram), 0.0)
+  nz = norms > 0
 
   def body(step, carry):
-    w, rho_t = carry
+    u, rho_t = carry
     j = orders[:, step]
-    dot = jnp.sum(w * gram[j], axis=1)                    # <gpc_i, g_j>
-    n_i = jnp.sqrt(jnp.maximum(jnp.einsum("ik,kl,il->i", w, gram, w), 0.0))
-    n_j = jnp.sqrt(diag[j])
-    ok = (n_i > 0) & (n_j > 0)
-    rho = jnp.where(ok, dot / jnp.where(ok, n_i * n_j, 1.0), 0.0)
+    dot = jnp.sum(u * cos[j], axis=1)                     # <gpc_i, u_j>
+    n_i = jnp.sqrt(jnp.maximum(jnp.einsum("ik,kl,il->i", u, cos, u), 0.0))
+    ok = (n_i > 0) & nz[j]
+    rho = jnp.where(ok, dot / jnp.where(ok, n_i, 1.0), 0.0)
     rho = jnp.clip(rho, -1.0, 1.0)
     target = rho_t[rows, j]
     s_t = jnp.sqrt(jnp.maximum(1.0 - target**2, 0.0))
     s_r = jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0))
     adjust = (rho < target) & ok & (s_t > 0)
-    coef = n_i * (target * s_r - rho * s_t) / jnp.where(
-        adjust, n_j * s_t, 1.0)
+    # Coefficient on u_j (i.e. a * ||g_j|| in the paper's notation).
+    coef = n_i * (target * s_r - rho * s_t) / jnp.where(adjust, s_t, 1.0)
     onehot = j[:, None] == rows[None, :]  # entry (i, j_i)
-    w = w + jnp.where(adjust, coef, 0.0)[:, None] * onehot
+    u = u + jnp.where(adjust, coef, 0.0)[:, None] * onehot
     new_target = (1.0 - beta) * target + beta * rho
     rho_t = jnp.where(onehot, new_target[:, None], rho_t)
-    return w, rho_t
+    return u, rho_t
 
-  w, rho_t = jax.lax.fori_loop(
+  u, rho_t = jax.lax.fori_loop(
       0, orders.shape[1], body,
-      (jnp.eye(t, dtype=gram.dtype), rho_target.astype(gram.dtype)))
-  return jnp.sum(w, axis=0), rho_t
+      (jnp.diag(norms), rho_target.astype(cos.dtype)))
+  inv = jnp.where(nz, 1.0 / jnp.where(nz, norms, 1.0), 0.0)
+  return jnp.where(nz, jnp.sum(u, axis=0) * inv, 1.0), rho_t
 
 
 def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
-            shuffle: bool = True, num_tasks: Optional[int] = None
-            ) -> optax.GradientTransformationExtraArgs:
+            shuffle: bool = True, num_tasks: Optional[int] = None,
+            diagnostics: bool = True) -> optax.GradientTransformationExtraArgs:
   """GradVac: steer pairwise gradient cosines towards their running average.
 
   For each task ``i`` and each other task ``j`` (random order, as in
@@ -78,11 +79,12 @@ def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
       ``state.weights`` reports their parameter-count-weighted mean.
     shuffle: random (default) or increasing task order.
     num_tasks: number of tasks, for a fixed-shape state.
+    diagnostics: record cosines, conflicts and task norms (free here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
     ``state.inner`` is the ``(K, T, T)`` array of cosine targets (``K = 1``
-    for ``'model'``).
+    for ``'model'``), in the parameters' dtype (float64 under x64).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -103,21 +105,25 @@ def gradvac(key: Any = 0, *, beta: float = 0.5, granularity: str = "model",
   leafwise = granularity == "leaf"
 
   def init_inner(t, k):
+    # Cast by the shell to the params' dtype (float64 under x64).
     return jnp.zeros((k if leafwise else 1, t, t), jnp.float32)
 
   def weighting(ctx):
-    t = ctx.gram.shape[0]
+    t = ctx.cosine.shape[0]
     orders = task_orders(ctx.key, t, shuffle)
-    grams = ctx.leaf_grams if leafwise else ctx.gram[None]
-    if ctx.inner.shape[0] != grams.shape[0]:
+    if leafwise:
+      cos, norms = ctx.leaf_cosine, ctx.leaf_norms
+    else:
+      cos, norms = ctx.cosine[None], ctx.norms[None]
+    if ctx.inner.shape[0] != cos.shape[0]:
       raise ValueError(
           f"gradvac(granularity='leaf'): the state holds cosine targets for "
           f"{ctx.inner.shape[0]} leaves but the updates have "
-          f"{grams.shape[0]}; call init with the params being optimised.")
-    w, rho = jax.vmap(gradvac_weights, in_axes=(0, 0, None, None))(
-        grams, ctx.inner, orders, beta)
-    rho = rho.astype(jnp.float32)
-    return (w if leafwise else w[0]), rho
+          f"{cos.shape[0]}; call init with the params being optimised.")
+    w, rho = jax.vmap(gradvac_weights, in_axes=(0, 0, 0, None, None))(
+        cos, norms, ctx.inner, orders, beta)
+    return (w if leafwise else w[0]), rho.astype(ctx.inner.dtype)
 
   return gram_weighted(weighting, name="gradvac", num_tasks=num_tasks,
-                       key=key, init_inner=init_inner, leafwise=leafwise)
+                       key=key, init_inner=init_inner, leafwise=leafwise,
+                       diagnostics=diagnostics)

@@ -11,8 +11,8 @@ import optax
 from slamjax.surgery._base import gram_weighted
 
 
-def imtl_g_weights(gram: jax.Array) -> jax.Array:
-  """IMTL-G weights from the Gram matrix ``G`` (see :func:`imtl_g`).
+def imtl_g_weights(cos: jax.Array, norms: jax.Array) -> jax.Array:
+  """IMTL-G weights from the task cosines and norms (see :func:`imtl_g`).
 
   Solves, for the tasks with ``||g_t|| > 0`` ("valid"), the linear system of
   the paper's closed form written in Gram entries: with ``n_t = ||g_t||`` and
@@ -31,15 +31,12 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   the minimum-norm solution, which is finite and has weights of order 1.
   Zero-norm tasks get weight 0; if every task is zero all weights are 0.
   """
-  dtype = gram.dtype
-  t = gram.shape[-1]
-  n = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  valid = n > 0
-  n_max = jnp.max(n)
-  n_safe = jnp.where(valid, n, 1.0)
-  # M[s, t] = <g_s, u_t>, scaled by 1 / max_t ||g_t|| (the weights are scale
+  dtype = cos.dtype
+  t = cos.shape[-1]
+  valid = norms > 0
+  # M[s, t] = <g_s, u_t>, in units of max_t ||g_t|| (the weights are scale
   # invariant) so that the projection rows and the sum row are both O(1).
-  m = gram / n_safe[None, :] / jnp.where(n_max > 0, n_max, 1.0)
+  m = norms[:, None] * cos
   vf = valid.astype(dtype)
   m = m * vf[:, None] * vf[None, :]
   num_valid = jnp.maximum(jnp.sum(vf), 1.0)
@@ -57,7 +54,7 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   return jnp.where(valid, w, 0.0)
 
 
-def imtl_g(*, num_tasks: Optional[int] = None
+def imtl_g(*, num_tasks: Optional[int] = None, diagnostics: bool = True
            ) -> optax.GradientTransformationExtraArgs:
   """IMTL-G: the update has the same projection on every task's direction.
 
@@ -77,6 +74,7 @@ def imtl_g(*, num_tasks: Optional[int] = None
 
   Args:
     num_tasks: number of tasks, for a fixed-shape state.
+    diagnostics: record cosines, conflicts and task norms (free here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
@@ -92,6 +90,7 @@ def imtl_g(*, num_tasks: Optional[int] = None
   """
 
   def weighting(ctx):
-    return imtl_g_weights(ctx.gram), ctx.inner
+    return imtl_g_weights(ctx.cosine, ctx.norms), ctx.inner
 
-  return gram_weighted(weighting, name="imtl_g", num_tasks=num_tasks)
+  return gram_weighted(weighting, name="imtl_g", num_tasks=num_tasks,
+                       diagnostics=diagnostics)

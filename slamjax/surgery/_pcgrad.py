@@ -51,38 +51,39 @@ def task_orders(key: jax.Array, num_tasks: int, shuffle: bool = True
   return (perms + (perms >= rows[:, None])).astype(jnp.int32)
 
 
-def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
-  """PCGrad task weights from the Gram matrix (all tasks in parallel).
+def pcgrad_weights(cos: jax.Array, norms: jax.Array,
+                   orders: jax.Array) -> jax.Array:
+  """PCGrad task weights from the cosines and norms (all tasks in parallel).
 
-  Task ``i``'s projected gradient is kept as a weight vector ``W[i]``
-  (``gpc_i = sum_k W[i, k] g_k``). Visiting ``j = orders[i, step]``: if
-  ``<gpc_i, g_j> = W[i] . G[:, j] < 0`` then ``W[i, j] -= <gpc_i, g_j> /
-  ||g_j||^2`` (projection on the normal plane of the *original* ``g_j``).
-  Returns ``sum_i W[i]`` (PCGrad sums the projected gradients).
+  Task ``i``'s projected gradient is kept as coefficients ``U[i]`` on the
+  unit task directions (``gpc_i = sum_k U[i, k] u_k``, initially ``U =
+  diag(n)``), so no squared norm is ever formed. Visiting ``j = orders[i,
+  step]``: if ``<gpc_i, u_j> = (U C)[i, j] < 0`` then ``U[i, j] -= (U C)[i,
+  j]`` (projection on the normal plane of the *original* ``g_j``). Returns
+  ``sum_i U[i] / n`` (PCGrad sums the projected gradients), with weight 1
+  on zero tasks (never projected against).
   """
-  t = gram.shape[0]
+  t = cos.shape[0]
   if t < 2:
-    return jnp.ones((t,), gram.dtype)
+    return jnp.ones((t,), cos.dtype)
   rows = jnp.arange(t)
-  diag = jnp.diagonal(gram)
+  nz = norms > 0
 
-  def body(step, w):
+  def body(step, u):
     j = orders[:, step]
-    d = jnp.sum(w * gram[j], axis=1)  # <gpc_i, g_j> for every i
-    gjj = diag[j]
-    proj = (d < 0) & (gjj > 0)
-    coef = jnp.where(proj, d / jnp.where(proj, gjj, 1.0), 0.0)
-    onehot = (j[:, None] == rows[None, :]).astype(w.dtype)  # W[i, j_i]
-    return w - coef[:, None] * onehot
+    d = jnp.sum(u * cos[j], axis=1)  # <gpc_i, u_j> for every i
+    proj = (d < 0) & nz[j]
+    onehot = (j[:, None] == rows[None, :]).astype(u.dtype)  # U[i, j_i]
+    return u - jnp.where(proj, d, 0.0)[:, None] * onehot
 
-  w = jax.lax.fori_loop(0, orders.shape[1], body,
-                        jnp.eye(t, dtype=gram.dtype))
-  return jnp.sum(w, axis=0)
+  u = jax.lax.fori_loop(0, orders.shape[1], body, jnp.diag(norms))
+  inv = jnp.where(nz, 1.0 / jnp.where(nz, norms, 1.0), 0.0)
+  return jnp.where(nz, jnp.sum(u, axis=0) * inv, 1.0)
 
 
 def pcgrad(key: Any = 0, *, shuffle: bool = True,
            rescale_to_sum_norm: bool = False, eps: float = 1e-12,
-           num_tasks: Optional[int] = None
+           num_tasks: Optional[int] = None, diagnostics: bool = True
            ) -> optax.GradientTransformationExtraArgs:
   """PCGrad: project conflicting task gradients, then sum (Yu et al., 2020).
 
@@ -106,6 +107,7 @@ def pcgrad(key: Any = 0, *, shuffle: bool = True,
     eps: relative floor for the rescale (see
       :func:`slamjax.surgery.gram_weighted`).
     num_tasks: number of tasks, for a fixed-shape state.
+    diagnostics: record cosines, conflicts and task norms (free here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
@@ -117,8 +119,8 @@ def pcgrad(key: Any = 0, *, shuffle: bool = True,
     >>> params = {'w': jnp.zeros(2)}
     >>> g = {'w': jnp.array([[1., 0.], [-1., 1.]])}  # conflicting tasks
     >>> out, _ = jax.jit(tx.update)(g, tx.init(params), params)
-    >>> out['w']  # -(gpc_1 + gpc_2) = -((.5, .5) + (0, 1))
-    Array([-0.5, -1.5], dtype=float32)
+    >>> [round(float(x), 4) for x in out['w']]  # -((.5, .5) + (0, 1))
+    [-0.5, -1.5]
   """
 
   if key is None and shuffle:
@@ -126,18 +128,18 @@ def pcgrad(key: Any = 0, *, shuffle: bool = True,
                      "int seed); pass shuffle=False for the fixed order.")
 
   def weighting(ctx):
-    t = ctx.gram.shape[0]
+    t = ctx.cosine.shape[0]
     orders = task_orders(ctx.key, t, shuffle)
-    return pcgrad_weights(ctx.gram, orders), ctx.inner
+    return pcgrad_weights(ctx.cosine, ctx.norms, orders), ctx.inner
 
   return gram_weighted(
       weighting, name="adaptive_pcgrad" if rescale_to_sum_norm else "pcgrad",
       num_tasks=num_tasks, key=key, rescale_to_sum_norm=rescale_to_sum_norm,
-      eps=eps)
+      eps=eps, diagnostics=diagnostics)
 
 
 def adaptive_pcgrad(key: Any = 0, *, eps: float = 1e-12, shuffle: bool = True,
-                    num_tasks: Optional[int] = None
+                    num_tasks: Optional[int] = None, diagnostics: bool = True
                     ) -> optax.GradientTransformationExtraArgs:
   """SLAM-AGS adaptive gradient surgery: PCGrad, rescaled to the sum's norm.
 
@@ -153,6 +155,7 @@ def adaptive_pcgrad(key: Any = 0, *, eps: float = 1e-12, shuffle: bool = True,
     eps: relative floor for the rescale.
     shuffle: random (default) or increasing task order.
     num_tasks: number of tasks, for a fixed-shape state.
+    diagnostics: record cosines, conflicts and task norms (free here).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; first in ``optax.chain``.
@@ -167,4 +170,4 @@ def adaptive_pcgrad(key: Any = 0, *, eps: float = 1e-12, shuffle: bool = True,
     True
   """
   return pcgrad(key, shuffle=shuffle, rescale_to_sum_norm=True, eps=eps,
-                num_tasks=num_tasks)
+                num_tasks=num_tasks, diagnostics=diagnostics)

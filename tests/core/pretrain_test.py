@@ -314,33 +314,43 @@ def test_summarize_criteria():
   assert not healthy["collapsed"] and healthy["first_step"] is None
   assert healthy["final_spread"] == 0.45 and healthy["final_ntxent"] == 3.2
   assert abs(healthy["ntxent_uniform"] - u) < 1e-12
-  by_spread = collapse.summarize(_history([0.5, 0.04, 0.02], [3.0, 3.5, 3.6]), 32)
+  by_spread = collapse.summarize(_history([0.5, 0.04, 0.02, 0.01], [3.0] * 4), 32)
   assert by_spread["collapsed"] and by_spread["first_step"] == 10
   assert by_spread["reasons"] == ["spread"] and by_spread["collapsed_at_end"]
-  by_ntxent = collapse.summarize(_history([0.5, 0.3, 0.2], [3.0, u + 0.03, u + 0.2]), 32)
+  ntx = [3.0, u + 0.03, u - 0.01, u + 0.001, u + 0.2]
+  by_ntxent = collapse.summarize(_history([0.5, 0.3, 0.2, 0.2, 0.2], ntx), 32)
   assert by_ntxent["collapsed"] and by_ntxent["first_step"] == 10
   assert by_ntxent["reasons"] == ["ntxent"] and not by_ntxent["collapsed_at_end"]
   # batch_pos=None: log(2B-1) read from the logged ntxent_uniform.
-  assert collapse.summarize(_history([0.5, 0.3], [3.0, u + 0.03]))["first_step"] == 10
-  assert collapse.summarize(_history([0.5, 0.3], [3.0, u + 0.03]))["batch_pos"] == 32
-  # Thresholds are parameters.
+  from_log = collapse.summarize(_history([0.5, 0.3, 0.2, 0.2, 0.2], ntx))
+  assert from_log["first_step"] == 10 and from_log["batch_pos"] == 32
+  # Isolated steps in the band (NT-Xent passing through log(2B-1) on its way
+  # down, or a weak SimCLR hovering there) are not a collapse...
+  passing = collapse.summarize(_history([0.5] * 6, [4.5, u + 0.01, 3.6, u - 0.02, u, 2.9]), 32)
+  assert not passing["collapsed"] and passing["collapsed_steps"] == 3
+  # ...unless the patience is 1 (every flagged step counts).
+  assert collapse.summarize(_history([0.5] * 3, [4.5, u, 2.9]), 32, patience=1)["first_step"] == 10
+  # Thresholds are parameters; short histories count when every step is flagged.
+  assert collapse.summarize(_history([0.04], [3.0]), 32)["collapsed"]
   assert not collapse.summarize(_history([0.04], [3.0]), 32, spread=0.03)["collapsed"]
   assert collapse.summarize([], 32)["collapsed"] is False
 
 
 def test_monitor_warns_once_and_writes_summary(tmp_path, capsys):
   from slamjax import collapse
-  mon = collapse.Monitor(32, 0.05, 0.05)
-  for h in _history([0.5, 0.03, 0.01], [3.0, 4.12, 4.14]):
+  mon = collapse.Monitor(32, 0.05, 0.05, patience=2)
+  for h in _history([0.5, 0.03, 0.5, 0.03, 0.01, 0.01], [3.0, 3.0, 3.0, 4.12, 4.14, 4.14]):
     mon.update(h["step"], {k: v for k, v in h.items() if k != "step"})
   out = capsys.readouterr().out
   assert out.count("WARNING") == 1
-  assert "step 10" in out and "log(2B-1) = 4.1431" in out and "per_task" in out
+  assert "collapsed at step 20" in out and "now (step 25)" in out
+  assert "log(2B-1) = 4.1431" in out and "per_task" in out
   summary = mon.write(str(tmp_path))
   assert json.load(open(tmp_path / collapse.FILENAME)) == summary
-  assert summary["collapsed"] and summary["first_step"] == 10
+  assert summary["collapsed"] and summary["first_step"] == 20 and summary["patience"] == 2
   # A resumed run whose earlier steps collapsed says so at once, once.
-  collapse.Monitor(32, history=_history([0.5, 0.03], [3.0, 3.0]))
+  collapse.Monitor(32, patience=2, history=_history([0.5, 0.03, 0.02], [3.0] * 3))
   assert "before this resumed run" in capsys.readouterr().out
-  quiet = collapse.Monitor(32, echo=False)
-  assert quiet.update(5, {"embed_std": 0.01}) and capsys.readouterr().out == ""
+  quiet = collapse.Monitor(32, patience=1, echo=False)
+  assert quiet.update(5, {"embed_std": 0.01}) and quiet.warned
+  assert capsys.readouterr().out == ""

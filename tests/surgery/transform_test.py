@@ -81,7 +81,7 @@ def test_num_tasks_and_task_weights_are_checked():
 
 
 def test_without_num_tasks_state_takes_shape_on_first_update():
-  tx = surgery.sum_tasks()
+  tx = surgery.sum_tasks(diagnostics=True)
   state = tx.init(PARAMS)
   assert state.cosine.shape == (0, 0)
   assert surgery.diagnostics(state)["cos_mean"] == 0
@@ -94,7 +94,7 @@ def test_without_num_tasks_state_takes_shape_on_first_update():
 
 
 def test_output_dtype_follows_leaves():
-  tx = surgery.sum_tasks(num_tasks=2)
+  tx = surgery.sum_tasks(num_tasks=2, diagnostics=True)
   g = {"w": jnp.ones((2, 4), jnp.bfloat16), "v": jnp.ones((2, 1))}
   out, state = tx.update(g, tx.init(None))
   assert out["w"].dtype == jnp.bfloat16 and out["v"].dtype == jnp.float32
@@ -155,7 +155,7 @@ def test_nash_mtl_update_weights_every():
 
 def test_diagnostics_absent_or_several():
   assert surgery.diagnostics(optax.adam(1e-3).init(PARAMS)) == {}
-  state = (surgery.sum_tasks(num_tasks=2).init(PARAMS),
+  state = (surgery.sum_tasks(num_tasks=2, diagnostics=True).init(PARAMS),
            {"x": surgery.mgda(num_tasks=3).init(PARAMS)})
   d = surgery.diagnostics(state)
   assert d["0/cosine"].shape == (2, 2) and d["1/weights"].shape == (3,)
@@ -199,12 +199,13 @@ def test_shared_only_label_forms_and_raw_partition_recipe():
   fn = lambda p: {"trunk": {"w": True, "b": True}, "head_a": False,
                   "head_b": False}
   variants = [
-      surgery.shared_only(surgery.sum_tasks(num_tasks=2), fn),
-      surgery.shared_only(surgery.sum_tasks(num_tasks=2),
+      surgery.shared_only(surgery.sum_tasks(num_tasks=2, diagnostics=True),
+                          fn),
+      surgery.shared_only(surgery.sum_tasks(num_tasks=2, diagnostics=True),
                           {"trunk": "body", "head_a": "x", "head_b": "y"},
                           shared_labels=("body",)),
       optax.partition(  # the raw recipe shared_only wraps
-          {"s": surgery.sum_tasks(num_tasks=2),
+          {"s": surgery.sum_tasks(num_tasks=2, diagnostics=True),
            "h": surgery.reduce_tasks("sum")},
           {"trunk": {"w": "s", "b": "s"}, "head_a": "h", "head_b": "h"}),
   ]
@@ -233,6 +234,25 @@ def test_shared_only_passes_task_weights_to_both_branches():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                out, want)
   np.testing.assert_allclose(surgery.diagnostics(state)["weights"], c)
+
+
+def test_sum_forms_no_gram_matrix_unless_diagnostics_are_asked_for():
+  g = _grads(2)
+  for name in ("sum", "mean"):
+    tx = surgery.get(name, num_tasks=2)
+    jaxpr = str(jax.make_jaxpr(tx.update)(g, tx.init(PARAMS), PARAMS))
+    assert "dot_general" not in jaxpr and "cond" not in jaxpr, name
+    out, state = tx.update(g, tx.init(PARAMS), PARAMS)
+    assert set(surgery.diagnostics(state)) == {"weights", "norm_ratio"}
+    assert state.cosine is None and state.task_norms is None
+    scale = 1.0 if name == "sum" else 0.5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, scale * np.sum(b, 0), rtol=1e-6), out, g)
+  tx = surgery.sum_tasks(num_tasks=2, diagnostics=True)
+  _, state = tx.update(g, tx.init(PARAMS), PARAMS)
+  j = _flat(g)
+  np.testing.assert_allclose(state.task_norms, np.linalg.norm(j, axis=1),
+                             rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------
