@@ -31,5 +31,7 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def setup() -> None:
+  from slamjax.models import layers
+  layers.tune_cpu_allocator()  # process-wide (mallopt): once, here
   enable_compilation_cache()
   hide_accelerators_from_tensorflow()
