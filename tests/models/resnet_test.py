@@ -8,7 +8,6 @@ stages) to keep compile times short; one runs the full Encoder.
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
