@@ -105,8 +105,8 @@ def build_surgery(cfg, model=None) -> optax.GradientTransformation:
   (with ``model`` granularity; plain ``sum`` would otherwise skip them).
   """
   name = cfg.pretrain.surgery
-  kwargs = dict(cfg.pretrain.get("surgery_kwargs", {}) or {})
-  granularity = cfg.pretrain.get("surgery_granularity", "model")
+  kwargs = dict(cfg.pretrain.surgery_kwargs)
+  granularity = cfg.pretrain.surgery_granularity
   kwargs.setdefault("diagnostics", granularity == "model")
   make = lambda: surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
   if granularity == "model":

@@ -89,6 +89,8 @@ def _names(cfg) -> None:
           ("model", "leaf"))
   _choice("pretrain.objective", cfg.pretrain.objective, ("slam", "bag_label"))
   _choice("embed.output", cfg.embed.output, ("projection", "backbone"))
+  _choice("model.projection", cfg.model.projection, ("shared", "per_task"))
+  _choice("pretrain.similarity", cfg.pretrain.similarity, ("attract", "repel"))
   _choice("data.unlisted", cfg.data.unlisted, ("error", "ignore"))
   multihead.head_names(cfg.mil)
 

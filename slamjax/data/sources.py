@@ -12,7 +12,7 @@ from slamjax.data import synthetic
 def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> pool_lib.CellPool:
   images, labels = synthetic.generate_cells(
       dict(cfg.num_per_class), image_size=cfg.image_size, seed=seed,
-      stain_std=cfg.get("stain_std", 0.06))
+      stain_std=cfg.stain_std)
   names = tuple(cfg.num_per_class.keys())
   ids = tuple(f"synthetic/{names[y]}/{i:06d}" for i, y in enumerate(labels))
   return pool_lib.CellPool(images, labels, names, ids)
