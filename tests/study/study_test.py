@@ -117,7 +117,8 @@ def test_report_tables_cis_collapse_marks_and_paired_differences(tmp_path):
 
 def test_collapse_summary_flags_a_collapsed_history():
   hist = [{"step": s, "loss_simclr": nt, "loss_sim": 0.01, "embed_std": e}
-          for s, e, nt in ((5, 0.4, 3.0), (10, 0.2, 3.5), (15, 0.03, 4.84), (20, 0.02, 4.84))]
+          for s, e, nt in ((5, 0.4, 3.0), (10, 0.2, 3.5), (15, 0.03, 4.84), (20, 0.02, 4.84),
+                           (25, 0.02, 4.84))]  # 3 flagged steps in a row (patience)
   out = run.collapse_summary(hist, 64)
   assert out["collapsed"] and out["first_step"] == 15
   assert out["ntxent_uniform"] == pytest.approx(math.log(127))
