@@ -79,10 +79,16 @@ def embed_images(cfg, model, state, images: np.ndarray, mesh,
   return embed_rows(cfg, model, state, images, np.arange(len(images)), mesh, fn)
 
 
+def embed_groups(cfg, model, state, images, groups, mesh) -> list[np.ndarray]:
+  """Embeds ``images[g]`` for every index array ``g`` of ``groups`` (a cell in
+  several groups is embedded once); returns one [len(g), D] array per group."""
+  if not len(groups):
+    return []
+  uniq, inverse = np.unique(np.concatenate(groups), return_inverse=True)
+  emb = embed_rows(cfg, model, state, images, uniq, mesh)[inverse]
+  return np.split(emb, np.cumsum([len(g) for g in groups])[:-1])
+
+
 def embed_bags(cfg, model, state, pool, bagset, mesh) -> list[np.ndarray]:
   """Embeds every cell of every bag; returns one [n_cells, D] array per bag."""
-  cells = np.concatenate(bagset.cells)
-  uniq, inverse = np.unique(cells, return_inverse=True)
-  emb = embed_rows(cfg, model, state, pool.images, uniq, mesh)[inverse]
-  sizes = np.cumsum([len(c) for c in bagset.cells])[:-1]
-  return np.split(emb, sizes)
+  return embed_groups(cfg, model, state, pool.images, bagset.cells, mesh)

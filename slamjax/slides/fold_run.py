@@ -67,12 +67,8 @@ def load_encoder(cfg, workdir: str, mesh):
 
 def embed_slides(cfg, model, state, cohort, idx, mesh) -> list[np.ndarray]:
   """One [n_cells, D] float32 array per slide of ``idx`` (cells embedded once)."""
-  idx = list(idx)
-  if not idx:
-    return []
-  rows = np.concatenate([cohort.cells[i] for i in idx])
-  emb = embed.embed_rows(cfg, model, state, cohort.images, rows, mesh)
-  return np.split(emb, np.cumsum([len(cohort.cells[i]) for i in idx])[:-1])
+  return embed.embed_groups(cfg, model, state, cohort.images,
+                            [cohort.cells[i] for i in idx], mesh)
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
