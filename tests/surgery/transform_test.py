@@ -281,3 +281,14 @@ def test_registry():
     surgery.pcgrad(key=None)
   tx = surgery.pcgrad(key=None, shuffle=False, num_tasks=2)  # no key needed
   assert tx.init(PARAMS).key is None
+
+
+@pytest.mark.parametrize("t", [2, 3, 5, 10, 12])
+@pytest.mark.parametrize("n", [1 << 15, 36 * 1024 + 384, 3 * (1 << 15) + 1])
+def test_gram_matrix_matches_float64_reference_on_every_cpu_path(t, n):
+  # n picks the path: 1024-wide blocks, 128-wide blocks, or no block (dot);
+  # t picks chunked (2), broadcast (3-10) or dot (12).
+  m = np.random.default_rng([t, n]).standard_normal((t, n)).astype(np.float32)
+  got = np.asarray(jax.jit(surgery.gram_matrix)({"w": jnp.asarray(m)}))
+  want = m.astype(np.float64) @ m.astype(np.float64).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
