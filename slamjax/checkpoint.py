@@ -4,6 +4,7 @@ Example:
   >>> import tempfile, jax.numpy as jnp
   >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/ckpt", max_to_keep=2)
   >>> ckpt.save(3, {"w": jnp.ones(2)}, force=True)
+  True
   >>> ckpt.wait(); ckpt.latest_step()
   3
   >>> ckpt.restore({"w": jnp.zeros(2)})["w"].tolist()
@@ -28,7 +29,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2,
-               save_interval_steps: int = 1, process_local: bool = False):
+               save_interval_steps: int = 1, save_on_steps=(),
+               process_local: bool = False):
     self.directory = os.path.abspath(directory)
     # Orbax refuses process-local jax.Arrays in a multi-process run: such
     # state goes through host (numpy) copies instead (in every run, so that
@@ -45,17 +47,25 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            create=create, enable_async_checkpointing=False,
+            max_to_keep=max_to_keep, create=create,
+            # Every save_interval_steps and on save_on_steps (and when
+            # preempted); not Orbax's default extra save on the first step.
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                ocp.checkpoint_managers.SpecificStepsPolicy(tuple(save_on_steps)),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]), enable_async_checkpointing=False,
             multiprocessing_options=multiprocessing))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, force: bool = False) -> None:
+  def save(self, step: int, state, force: bool = False) -> bool:
+    """Saves if Orbax's policy (or ``force``) says so; returns whether it did."""
+    if not force and not self.manager.should_save(step):
+      return False
     if self._host_copies:
       state = jax.device_get(state)
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def restore(self, like, step: int | None = None):
     """Restores into the structure, shapes and shardings of ``like``."""

@@ -45,7 +45,6 @@ Example (a two-step run on random cells):
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -337,7 +336,9 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   total = cfg.pretrain.epochs * batcher.steps_per_epoch
   model, tx, schedule = build(cfg, batcher.steps_per_epoch)
   state = init_state(cfg, model, tx, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"),
+                              save_interval_steps=cfg.pretrain.checkpoint_every_steps,
+                              save_on_steps=(total,))
   start = 0
   log_path = os.path.join(workdir, "pretrain_metrics.jsonl")
   if ckpt.latest_step() is not None:
@@ -345,45 +346,46 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
     start = int(state.step)
     print(f"pretrain: resumed from step {start}", flush=True)
   main_process = distributed.is_main_process()
-  if main_process:
-    _truncate_log(log_path, start)
+  jsonl = progress_lib.JsonlWriter(log_path, resume_step=start) if main_process else None
   monitor = None
   if objective(cfg) == "slam":
     monitor = collapse_lib.Monitor(
         batcher.b_pos, cfg.pretrain.collapse_spread, cfg.pretrain.collapse_margin,
         cfg.pretrain.collapse_patience,
-        history=_read_log(log_path) if main_process and start else (),
+        history=progress_lib.read_jsonl(log_path) if main_process and start else (),
         echo=main_process)
   print(f"pretrain: {len(batcher.pos_cells)} positive-bag and "
         f"{len(batcher.neg_cells)} negative-bag cells; batch {batcher.b_pos}+"
         f"{batcher.b_neg}; {batcher.steps_per_epoch} steps/epoch; {total} steps; "
         f"surgery={cfg.pretrain.surgery}; {mesh.size} device(s)", flush=True)
   step_fn = make_train_step(cfg, model, tx, mesh)
-  writer = progress_lib.create_writer(os.path.join(workdir, "tb", "pretrain"))
+  tb = progress_lib.create_writer(os.path.join(workdir, "tb", "pretrain"))
+  writer = progress_lib.with_jsonl(tb, jsonl)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in cfg.pretrain.items()})
-  prog = progress_lib.Progress("pretrain", total, cfg.pretrain.log_every_steps, start)
   every = cfg.pretrain.log_every_steps
+  prog = progress_lib.Progress("pretrain", total, every, start)
+  report = progress_lib.report_progress(total, tb, every)  # steps/s to TensorBoard
+  means = progress_lib.IntervalMeans()  # logged values: means over the interval
   for step in range(start, total):
     pos, neg = batcher.indices(step)
     batch = sharding.take_batch(mesh, pool.images, {"pos": pos, "neg": neg})
     state, metrics = step_fn(state, batch)
+    means.add(metrics)
     done = step + 1
     if done % every == 0 or done == total:
-      m = distributed.fetch_replicated(metrics)
+      m = distributed.fetch_replicated(means.pop())
       m["lr"] = float(schedule(step))
       m["epoch"] = done / batcher.steps_per_epoch
       progress_lib.check_finite(done, m)
       writer.write_scalars(done, m)
-      if main_process:
-        with open(log_path, "a") as f:
-          f.write(json.dumps({"step": done, **{k: float(v) for k, v in m.items()}}) + "\n")
       prog.update(done, {k: m[k] for k in ("loss_simclr", "loss_sim", "grad_cos", "embed_std")
                          if k in m})
       if monitor is not None:
         monitor.update(done, {k: float(v) for k, v in m.items()})
-    if done % cfg.pretrain.checkpoint_every_steps == 0 or done == total:
-      ckpt.save(done, state, force=True)
+    if report is not None:
+      report(done)
+    ckpt.save(done, state)  # Orbax decides: every checkpoint_every_steps, and the last
   ckpt.wait()
   ckpt.close()
   writer.flush()
@@ -395,20 +397,3 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
             f"log(2B-1) {summary['ntxent_uniform']:.4g}); see "
             f"{os.path.join(workdir, collapse_lib.FILENAME)}", flush=True)
   return state
-
-
-def _read_log(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
-def _truncate_log(path: str, step: int) -> None:
-  """Drops history lines after ``step`` (logged after the last checkpoint)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)

@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 
 import numpy as np
@@ -78,6 +80,90 @@ def check_finite(step: int, metrics: dict) -> None:
       raise RuntimeError(f"Non-finite metric {k}={v} at step {step}")
 
 
+class JsonlWriter:
+  """A clu-style metric writer: one JSON line per ``write_scalars`` call.
+
+  Each line is ``{step_key: step, **fields, **scalars}``. Opening the writer
+  drops the lines with the same ``fields`` logged after ``resume_step``: a
+  resumed run redoes those steps, so the file never holds a step twice.
+
+  Example:
+    >>> import json, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    >>> w = JsonlWriter(path); w.write_scalars(1, {"loss": 2.0}); w.write_scalars(2, {"loss": 1.0})
+    >>> w = JsonlWriter(path, resume_step=1)  # resumed from step 1
+    >>> [json.loads(l)["step"] for l in open(path)]
+    [1]
+  """
+
+  def __init__(self, path: str, resume_step: int = 0, step_key: str = "step",
+               fields: dict | None = None):
+    self.path, self.step_key, self.fields = path, step_key, dict(fields or {})
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [l for l in f if l.strip()]
+      redo = lambda r: (r.get(step_key, 0) > resume_step
+                        and all(r.get(k) == v for k, v in self.fields.items()))
+      keep = [l for l in lines if not redo(json.loads(l))]
+      if len(keep) != len(lines):
+        with open(path, "w") as f:
+          f.writelines(keep)
+
+  def write_scalars(self, step: int, scalars) -> None:
+    rec = {self.step_key: int(step), **self.fields,
+           **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+
+  def write_hparams(self, hparams) -> None:
+    del hparams  # config.json holds them
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL metrics file ([] if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+class IntervalMeans:
+  """Means of the step metrics between two log points, as clu ``Average``s
+  merged on device (one jitted call a step, no host transfer until
+  :meth:`pop`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> m = IntervalMeans()
+    >>> m.add({"loss": jnp.float32(1.0)}); m.add({"loss": jnp.float32(3.0)})
+    >>> float(m.pop()["loss"])
+    2.0
+  """
+
+  def __init__(self):
+    import jax
+    from clu import metrics as clu_metrics
+    avg = clu_metrics.Average.from_model_output
+    self._start = jax.jit(lambda m: {k: avg(v) for k, v in m.items()})
+    self._merge = jax.jit(lambda acc, m: {k: acc[k].merge(avg(v)) for k, v in m.items()})
+    self._compute = jax.jit(lambda acc: {k: a.compute() for k, a in acc.items()})
+    self._acc = None
+
+  def add(self, metrics: dict) -> None:
+    self._acc = self._start(metrics) if self._acc is None else self._merge(self._acc, metrics)
+
+  def pop(self) -> dict:
+    """The means since the last ``pop`` (arrays, as the step returned them)."""
+    out, self._acc = self._compute(self._acc), None
+    return out
+
+
 class _NoWriter:
   """Stands in for clu's writer when TensorFlow (TensorBoard) is not installed."""
 
@@ -88,6 +174,9 @@ class _NoWriter:
     del hparams
 
   def flush(self):
+    pass
+
+  def close(self):
     pass
 
 
@@ -103,3 +192,26 @@ def create_writer(logdir: str):
     return _NoWriter()
   return metric_writers.create_default_writer(
       logdir, just_logging=not distributed.is_main_process(), asynchronous=False)
+
+
+def with_jsonl(writer, jsonl: JsonlWriter | None):
+  """One writer for both: clu's ``MultiWriter`` of ``writer`` and ``jsonl``
+  (``jsonl`` alone without TensorBoard; ``writer`` alone if ``jsonl`` is None)."""
+  if jsonl is None:
+    return writer
+  if isinstance(writer, _NoWriter):
+    return jsonl
+  from clu import metric_writers
+  return metric_writers.MultiWriter([writer, jsonl])
+
+
+def report_progress(total: int, writer, every: int):
+  """clu's ``ReportProgress`` (steps/s and uptime to ``writer``, progress
+  notes to the log) when clu's periodic actions can be imported (they need
+  TensorFlow); else ``None``."""
+  try:
+    from clu import periodic_actions
+  except ImportError:
+    return None
+  return periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                         every_steps=every, every_secs=None)

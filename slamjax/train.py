@@ -25,6 +25,7 @@ from slamjax import distributed
 from slamjax import embed
 from slamjax import evaluate
 from slamjax import pretrain as pretrain_lib
+from slamjax import progress
 from slamjax import report
 from slamjax import sharding
 from slamjax.data import augment
@@ -115,7 +116,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     state = pretrain_lib.pretrain(cfg, pool, bags, workdir, mesh)
     model = pretrain_lib.build_model(cfg)
     if main_process:
-      history = [json.loads(l) for l in open(os.path.join(workdir, "pretrain_metrics.jsonl"))]
+      history = progress.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
       report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
   else:  # the "no pretraining" baseline: a randomly initialised encoder
     model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
@@ -160,7 +161,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   results["embedding"] = spread  # collapse measure, test cells before scaling
   collapse_path = os.path.join(workdir, "pretrain_collapse.json")
   if cfg.pretrain.epochs > 0 and os.path.exists(collapse_path):
-    results["collapse"] = json.load(open(collapse_path))
+    with open(collapse_path) as f:
+      results["collapse"] = json.load(f)
   if tasks:
     results["tasks"] = list(tasks[0])
   pos = np.flatnonzero(test.bag_labels == 1)

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 from typing import Any
@@ -276,19 +275,6 @@ def _epoch_order(n, seed, epoch, weights=None):
   return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
 
-def _rewrite_metrics(path, phase, upto_epoch):
-  """Drops logged epochs of ``phase`` after ``upto_epoch`` (they are redone)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  keep = [l for l in lines if not (json.loads(l).get("phase") == phase
-                                  and json.loads(l)["epoch"] > upto_epoch)]
-  if len(keep) != len(lines):
-    with open(path, "w") as f:
-      f.writelines(keep)
-
-
 def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: str,
                seed: int, verbose: bool, *, num_tasks: int, num_base=None, epochs=None,
                balanced: bool = False, teacher_params=None, init_params=None,
@@ -322,7 +308,9 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
                    step=jnp.zeros((), jnp.int32), anchor=anchor, num_tasks=num_tasks,
                    num_base=num_base)
   # The head lives on one process (process 0 of a multi-process run).
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_name), process_local=True)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_name), process_local=True,
+                               save_interval_steps=cfg.checkpoint_every_epochs,
+                               save_on_steps=(epochs,))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.epoch)
@@ -332,12 +320,12 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
   weights = None
   if balanced:
     weights = mecds.balanced_weights(np.where(task_mask[None], labels2, np.nan))
-  metrics_path = os.path.join(workdir, "mil_metrics.jsonl")
-  _rewrite_metrics(metrics_path, phase, start)
-  writer = None
+  jsonl = progress_lib.JsonlWriter(os.path.join(workdir, "mil_metrics.jsonl"), start,
+                                   step_key="epoch", fields={"phase": phase, "head": cfg.head})
+  writer = jsonl
   if verbose:
-    writer = progress_lib.create_writer(os.path.join(
-        workdir, "tb", "mil" if phase == "train" else f"mil_{ckpt_name}"))
+    writer = progress_lib.with_jsonl(progress_lib.create_writer(os.path.join(
+        workdir, "tb", "mil" if phase == "train" else f"mil_{ckpt_name}")), jsonl)
   prog = progress_lib.Progress(f"mil/{cfg.head}" + ("" if phase == "train" else f"/{phase}"),
                                epochs, max(1, epochs // 10), start, unit="epochs")
   probe = list(bags[:cfg.stability_bags])
@@ -358,17 +346,13 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
     record["attention_jsd"] = diagnostics.attention_jsd(prev, cur)
     prev = cur
     progress_lib.check_finite(epoch + 1, {"mil_loss": record["loss"]})
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(dict(phase=phase, epoch=epoch + 1, head=cfg.head, **record)) + "\n")
+    writer.write_scalars(epoch + 1, record)
     if verbose:
-      writer.write_scalars(epoch + 1, {f"mil_{k}": v for k, v in record.items()})
       prog.update(epoch + 1, record)
-    if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == epochs:
-      ckpt.save(epoch + 1, state, force=True)
+    ckpt.save(epoch + 1, state)  # Orbax decides: every checkpoint_every_epochs, and the last
   ckpt.wait()
   ckpt.close()
-  if writer is not None:
-    writer.flush()
+  writer.flush()
   return state
 
 

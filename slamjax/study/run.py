@@ -35,14 +35,6 @@ _HISTORY_KEYS = ("step", "loss_simclr", "loss_sim", "grad_cos", "embed_std", "lr
                  "grad_norm_simclr", "grad_norm_sim")
 
 
-def _read_history(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "pretrain_metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
 def _compact(history: list[dict]) -> list[dict]:
   keep = lambda k: k in _HISTORY_KEYS or k.startswith(("loss_", "spread", "variance"))
   return [{k: round(float(v), 6) for k, v in r.items() if keep(k)} for r in history]
@@ -138,13 +130,14 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
   ``c`` is the run's pipeline config, ``study_cfg`` the study section
   (probe size, kNN k, whether to train MIL on the other features).
   """
+  from slamjax import progress
   from slamjax import sharding
   from slamjax import train
   from slamjax.data import batching
   from slamjax.study import encoder_eval
   t0 = time.perf_counter()
   results = train.train_and_evaluate(c, workdir)
-  history = _read_history(workdir)
+  history = progress.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
   enc = other = None
   batch_pos = None
   pool, bagsets = _pool_and_bags(c)
