@@ -9,6 +9,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines
+# TensorFlow only writes TensorBoard files here; without this its oneDNN
+# banner goes to stderr through absl (twice) whatever the log level.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

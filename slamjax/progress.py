@@ -92,7 +92,7 @@ class JsonlWriter:
     >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
     >>> w = JsonlWriter(path); w.write_scalars(1, {"loss": 2.0}); w.write_scalars(2, {"loss": 1.0})
     >>> w = JsonlWriter(path, resume_step=1)  # resumed from step 1
-    >>> [json.loads(l)["step"] for l in open(path)]
+    >>> [r["step"] for r in read_jsonl(path)]
     [1]
   """
 
@@ -190,6 +190,8 @@ def create_writer(logdir: str):
     from clu import metric_writers  # imports TensorFlow
   except ImportError:
     return _NoWriter()
+  from slamjax import runtime
+  runtime.hide_accelerators_from_tensorflow()
   return metric_writers.create_default_writer(
       logdir, just_logging=not distributed.is_main_process(), asynchronous=False)
 

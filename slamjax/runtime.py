@@ -21,17 +21,18 @@ def enable_compilation_cache() -> None:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-  """TensorFlow (clu's TensorBoard writer) must not take the GPU's memory."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # its start-up banner lines
-  try:
-    import tensorflow as tf
-  except ImportError:
-    return
-  tf.config.set_visible_devices([], "GPU")
+  """TensorFlow (clu's TensorBoard writer) must not take the GPU's memory.
+
+  Called where TensorFlow gets imported (``progress.create_writer``), so a
+  run that writes no TensorBoard files never imports it.
+  """
+  import sys
+  tf = sys.modules.get("tensorflow")
+  if tf is not None:
+    tf.config.set_visible_devices([], "GPU")
 
 
 def setup() -> None:
   from slamjax.models import layers
   layers.tune_cpu_allocator()  # process-wide (mallopt): once, here
   enable_compilation_cache()
-  hide_accelerators_from_tensorflow()

@@ -130,7 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.collapse_margin = 0.05
   c.pretrain.collapse_patience = 3
   c.pretrain.checkpoint_every_steps = 50
-  c.pretrain.log_every_steps = 20
+  c.pretrain.log_every_steps = 20  # each line: the mean over these steps
 
   c.embed = ml_collections.ConfigDict()
   c.embed.batch_size = 256

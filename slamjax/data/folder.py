@@ -391,11 +391,9 @@ def pool_from_config(cfg, seed: int) -> pool_lib.CellPool:
   """``SOURCES['folder']``: loads ``cfg`` (``config.data``) and logs counts."""
   root = resolve_root(cfg.root)
   pool, report = load_folder(
-      root, image_size=cfg.get("image_size", 64), classes=cfg.get("classes"),
-      manifest=cfg.get("manifest"), dedup=cfg.get("dedup", False),
-      skip_bad_files=cfg.get("skip_bad_files", False),
-      max_per_class=cfg.get("max_per_class"), seed=seed,
-      num_workers=cfg.get("num_workers"))
+      root, image_size=cfg.image_size, classes=cfg.classes, manifest=cfg.manifest,
+      dedup=cfg.dedup, skip_bad_files=cfg.skip_bad_files,
+      max_per_class=cfg.max_per_class, seed=seed, num_workers=cfg.num_workers)
   print(f"data: loaded {len(pool)} cells of size {pool.images.shape[1]} from "
         f"{root}:\n{report.format()}", flush=True)
   return pool

@@ -35,14 +35,14 @@ Every problem with the input raises ``CohortError`` naming the file, row
 (line of the CSV) or value, and what would be valid.
 
 Example:
-  >>> import os, tempfile, ml_collections
+  >>> import os, pathlib, tempfile, ml_collections
   >>> from PIL import Image
   >>> root = tempfile.mkdtemp()
   >>> for sid, n in (("s1", 2), ("s2", 3)):
   ...   os.makedirs(f"{root}/{sid}/field1")
   ...   for i in range(n):
   ...     Image.new("L", (30, 20), 40 * i).save(f"{root}/{sid}/field1/{i}.png")
-  >>> _ = open(f"{root}/slides.csv", "w").write("slide_id,label\\ns1,0\\ns2,1\\n")
+  >>> _ = pathlib.Path(f"{root}/slides.csv").write_text("slide_id,label\\ns1,0\\ns2,1\\n")
   >>> cfg = ml_collections.ConfigDict(dict(
   ...     source="slides", root=root, csv="slides.csv", cells_csv="",
   ...     label_columns=(), label_column="", negative_label="", image_size=8,
@@ -335,7 +335,7 @@ def _parse_slides(cfg, path, require_labels) -> _SlideTable:
                       "one row")
 
   label_columns = config_names(cfg.label_columns)
-  label_column = cfg.get("label_column") or ""
+  label_column = cfg.label_column or ""
   if label_columns and label_column:
     raise CohortError(
         f"Set either config.data.label_columns (0/1 columns, now {label_columns}) "
@@ -343,7 +343,7 @@ def _parse_slides(cfg, path, require_labels) -> _SlideTable:
         "not both")
   if label_column:
     tasks, labels = _categorical_labels(path, rows, label_column,
-                                        cfg.get("negative_label") or "", header,
+                                        cfg.negative_label or "", header,
                                         require_labels)
     columns = (label_column,)
   else:
@@ -429,8 +429,8 @@ def _check_patient_consistent(path, column, patients, values, sids):
 
 def _unlabeled_table(slide_ids, cfg) -> _SlideTable:
   """No slide CSV: every slide unlabeled (for prediction)."""
-  label_columns = tuple(cfg.get("label_columns") or ())
-  tasks = () if cfg.get("label_column") else label_columns
+  label_columns = tuple(cfg.label_columns or ())
+  tasks = () if cfg.label_column else label_columns
   n = len(slide_ids)
   return _SlideTable(list(slide_ids), [None] * n, tasks,
                      np.full((n, len(tasks)), np.nan, np.float32), list(slide_ids),
@@ -587,22 +587,22 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
     CohortError: any problem with the input, before anything is decoded
       (except unreadable images, which are found by decoding).
   """
-  root = cfg.get("root") or ""
+  root = cfg.root or ""
   if not root:
     raise CohortError("config.data.root is empty; set it to the cohort folder")
   root = os.path.abspath(folder.resolve_root(os.path.expanduser(root)))
   if not os.path.isdir(root):
     raise CohortError(f"Cohort folder {root!r} (config.data.root) does not exist")
-  image_size = int(cfg.get("image_size") or 0)
+  image_size = int(cfg.image_size or 0)
   if image_size <= 0:
     raise CohortError(f"config.data.image_size must be a positive int, got "
-                      f"{cfg.get('image_size')!r}")
-  unlisted = cfg.get("unlisted") or "error"
+                      f"{cfg.image_size!r}")
+  unlisted = cfg.unlisted or "error"
   if unlisted not in ("error", "ignore"):
     raise CohortError(f"config.data.unlisted={unlisted!r}; valid: 'error', 'ignore'")
-  skip_bad_files = bool(cfg.get("skip_bad_files", False))
+  skip_bad_files = bool(cfg.skip_bad_files)
 
-  csv_name = cfg.get("csv", "slides.csv") or ""
+  csv_name = cfg.csv or ""
   csv_path = _resolve(root, csv_name) if csv_name else ""
   table = None
   if csv_path and os.path.isfile(csv_path):
@@ -617,7 +617,7 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
 
   report = {"skipped_files": [], "skipped_reasons": {}, "unlisted_folders": [],
             "ignored_files": [], "num_ignored_files": 0}
-  cells_csv = cfg.get("cells_csv") or ""
+  cells_csv = cfg.cells_csv or ""
   if cells_csv:
     cells_path = _resolve(root, cells_csv)
     if not os.path.isfile(cells_path):
@@ -636,8 +636,8 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
   row_of = {p: i for i, p in enumerate(all_paths)}
   try:
     cached = image_cache.load_images(
-        all_paths, image_size, cache_dir=cfg.get("cache_dir") or "",
-        num_workers=int(cfg.get("num_workers") or 0))
+        all_paths, image_size, cache_dir=cfg.cache_dir or "",
+        num_workers=int(cfg.num_workers or 0))
   except image_cache.CacheError as e:
     raise CohortError(str(e)) from None
   cell_paths = tuple(_display(root, p) for p in all_paths)

@@ -12,12 +12,12 @@ r"""Writes slamjax embeddings and attention in formats other tools read.
   ``attention_<name>``, when a head gives several).
 
 Example:
-  >>> import os, tempfile
+  >>> import os, pathlib, tempfile
   >>> import numpy as np
   >>> d = tempfile.mkdtemp()
   >>> paths = export_attention(d, ["s1"], [np.array([0.25, 0.75])],
   ...                          coords=[np.array([[0, 0], [256, 0]])])
-  >>> print(open(paths[0]).read().strip())
+  >>> print(pathlib.Path(paths[0]).read_text().strip())
   instance,x,y,attention
   0,0,0,0.25
   1,256,0,0.75

@@ -44,7 +44,8 @@ def collapse_summary(cfg, workdir: str) -> dict | None:
   path = os.path.join(workdir, "pretrain_collapse.json")
   if cfg.pretrain.epochs == 0 or not os.path.exists(path):
     return None
-  return json.load(open(path))
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_predictions(path: str, slide_ids, task_names, probs: dict, thresholds: dict,

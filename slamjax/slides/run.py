@@ -86,7 +86,8 @@ def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict
     fold_dir = os.path.join(workdir, method, fold["name"])
     path = os.path.join(fold_dir, "record.json")
     if os.path.exists(path):
-      records.append(json.load(open(path)))
+      with open(path) as f:
+        records.append(json.load(f))
       print(f"slides: {method} {fold['name']}: recorded, skipped", flush=True)
       continue
     print(f"slides: {method} {fold['name']} ({i + 1}/{len(folds)}): "

@@ -146,13 +146,13 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
     tr = bagsets["train"]
     batch_pos = batching.split_batch(c.pretrain.batch_size, len(tr.all_cells(1)),
                                      len(tr.all_cells(0)), mesh.size)[0]
-  if study_cfg.get("encoder_eval", True):
+  if study_cfg.encoder_eval:
     t1 = time.perf_counter()
     enc = encoder_eval.evaluate_encoder(
         c, workdir, pool, bagsets, mesh,
-        cells_per_class=int(study_cfg.get("probe_cells_per_class", 600)),
-        knn_k=int(study_cfg.get("knn_k", 20)))
-    if study_cfg.get("other_features", True):
+        cells_per_class=int(study_cfg.probe_cells_per_class),
+        knn_k=int(study_cfg.knn_k))
+    if study_cfg.other_features:
       other_feat = "backbone" if c.embed.output == "projection" else "projection"
       other = {other_feat: encoder_eval.mil_on_features(
           c, enc["bag_embeddings"][other_feat], bagsets,

@@ -3,6 +3,7 @@ bags through the pipeline, and config errors."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_tiny_end_to_end_through_main(tmp_path):
   r = _main("--workdir", wd, "--config.mil.epochs=3", "--config.mil.heads=abmil,aem")
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
   assert "ETA" in r.stdout and "Bag classification" in r.stdout
-  m = json.load(open(os.path.join(wd, "metrics.json")))
+  m = json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())
   assert list(m["heads"]) == ["abmil", "aem"]
   for name, head in m["heads"].items():  # one results row per head
     assert set(head["bag"]) >= {"f1", "auc", "sensitivity", "specificity"}
@@ -44,7 +45,7 @@ def test_tiny_end_to_end_through_main(tmp_path):
   for f in ("results.md", "pretrain_curves.png", "bags.json", "config.json"):
     assert os.path.exists(os.path.join(wd, f)), f
   assert os.listdir(os.path.join(wd, "tb", "pretrain"))  # TensorBoard events
-  bags = json.load(open(os.path.join(wd, "bags.json")))
+  bags = json.loads(pathlib.Path(os.path.join(wd, "bags.json")).read_text())
   train_ids = {c for b in bags["train"]["bags"] for c in b["cell_ids"]}
   test_ids = {c for b in bags["test"]["bags"] for c in b["cell_ids"]}
   assert not train_ids & test_ids
@@ -88,7 +89,7 @@ def test_multi_label_bags_train_heads_on_one_task_per_abnormal_class(tmp_path, f
       j = res["tasks"].index(task)
       assert t["bag"]["num_bags"] == 9
       assert t["retrieval"]["num_positive_bags"] == int(labels[:, j].sum())
-  md = open(tmp_path / "results.md").read()
+  md = pathlib.Path(tmp_path / "results.md").read_text()
   assert "Per task" in md and "| mecds | erythroblast |" in md
 
 

@@ -4,6 +4,7 @@ per-task gradients of every variant, and collapse detection."""
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   assert victim.poll() is None, "run finished before it could be killed:\n" + victim.stdout.read()
   victim.send_signal(signal.SIGKILL)
   victim.wait()
+  victim.stdout.close()
   assert not os.path.exists(os.path.join(kill_dir, "final.npy"))
   out, _ = ref.communicate(timeout=600)
   assert ref.returncode == 0, out[-3000:]
@@ -100,13 +102,13 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   a = np.load(os.path.join(ref_dir, "final.npy"))
   b = np.load(os.path.join(kill_dir, "final.npy"))
   np.testing.assert_array_equal(a, b)
-  summary = json.load(open(os.path.join(kill_dir, "pretrain_collapse.json")))
+  summary = json.loads(pathlib.Path(os.path.join(kill_dir, "pretrain_collapse.json")).read_text())
   assert {"collapsed", "first_step", "final_spread", "final_ntxent",
           "ntxent_uniform"} <= set(summary)
-  assert summary == json.load(open(os.path.join(ref_dir, "pretrain_collapse.json")))
+  assert summary == json.loads(pathlib.Path(os.path.join(ref_dir, "pretrain_collapse.json")).read_text())
   # The metric history has exactly one line per step after the resume.
   steps = [int(l.split('"step": ')[1].split(",")[0])
-           for l in open(os.path.join(kill_dir, "pretrain_metrics.jsonl"))]
+           for l in pathlib.Path(os.path.join(kill_dir, "pretrain_metrics.jsonl")).read_text().splitlines()]
   assert steps == sorted(set(steps)) and steps[-1] == len(steps)
 
 
@@ -346,7 +348,7 @@ def test_monitor_warns_once_and_writes_summary(tmp_path, capsys):
   assert "collapsed at step 20" in out and "now (step 25)" in out
   assert "log(2B-1) = 4.1431" in out and "per_task" in out
   summary = mon.write(str(tmp_path))
-  assert json.load(open(tmp_path / collapse.FILENAME)) == summary
+  assert json.loads(pathlib.Path(tmp_path / collapse.FILENAME).read_text()) == summary
   assert summary["collapsed"] and summary["first_step"] == 20 and summary["patience"] == 2
   # A resumed run whose earlier steps collapsed says so at once, once.
   collapse.Monitor(32, patience=2, history=_history([0.5, 0.03, 0.02], [3.0] * 3))

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import pathlib
 import shutil
 
 import ml_collections
@@ -84,7 +85,7 @@ def test_non_image_file_names_it_or_is_skipped(make_folder, capsys):
 def test_corrupt_jpeg_names_it_or_is_skipped(make_folder, kind):
   root = make_folder({"normal": 4, "blast": 2})
   bad = os.path.join(root, "normal", "normal_0002.jpg")
-  data = open(bad, "rb").read()
+  data = pathlib.Path(bad).read_bytes()
   with open(bad, "wb") as f:
     f.write(data[:len(data) // 2] if kind == "truncated" else b"\xff\xd8" + os.urandom(200))
   with pytest.raises(folder.BadFileError, match=r"normal/normal_0002.jpg: cannot decode"):

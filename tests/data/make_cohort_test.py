@@ -5,6 +5,7 @@ import doctest
 import hashlib
 import json
 import os
+import pathlib
 
 import ml_collections
 import numpy as np
@@ -32,7 +33,7 @@ def _digest(root):
       if f != "cohort.json":
         p = os.path.join(dirpath, f)
         h.update(os.path.relpath(p, root).encode())
-        h.update(open(p, "rb").read())
+        h.update(pathlib.Path(p).read_bytes())
   return h.hexdigest()
 
 
@@ -61,7 +62,7 @@ def test_synthetic_cohort_loads_with_truth(tmp_path):
                      new_out=str(new), new_patients=3, **SMALL)
   assert s["patients"] == 6 and s["positive_patients"] == 3 and s["reused_cells"] == 0
   assert s["patients_with_two_slides"] >= 1 and s["png_files"] > 0
-  assert json.load(open(out / "cohort.json"))["slides"] == s["slides"]
+  assert json.loads(pathlib.Path(out / "cohort.json").read_text())["slides"] == s["slides"]
   cache = tmp_path / "cache"
   c = slides.load_cohort(_cfg(out, cache, label_columns=("label",)))
   assert len(c.slide_ids) == s["slides"] and c.report["num_cells"] == s["cells"]

@@ -11,6 +11,7 @@ progress and wrote the logs and reports.
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_main_on_two_processes_matches_one_process(tmp_path):
 
   # Every number of the results (bag metrics, per-bag probabilities,
   # retrieval) except wall times.
-  res_one, res_two = (_numbers(json.load(open(d / "metrics.json"))) for d in (single, multi))
+  res_one, res_two = (_numbers(json.loads(pathlib.Path(d / "metrics.json").read_text())) for d in (single, multi))
   assert res_two.keys() == res_one.keys() and res_one
   for k, v in res_one.items():
     np.testing.assert_allclose(res_two[k], v, atol=2e-3, err_msg=k)

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import doctest
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_attention_csvs_per_head_coords_ids_witness(tmp_path):
   assert list(rows[0]) == ["instance", "attention_tumor", "attention_grade"]
   assert np.float32(float(rows[0]["attention_grade"])) == a[0, 1]
   (p,) = export.export_attention(str(tmp_path / "h"), ["s"], [a])
-  assert open(p).readline().strip() == "instance,attention_0,attention_1"
+  assert pathlib.Path(p).read_text().splitlines()[0].strip() == "instance,attention_0,attention_1"
   # 1-D ranking attention + per-task attention ([T, N] from predict's task_attention).
   test_att = [np.full(len(c), 0.25) for c in test.cells]
   task_att = [np.stack([np.full(len(c), 0.5), np.full(len(c), 0.125)]) for c in test.cells]

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -38,12 +39,12 @@ def test_main_command_trains_a_head_from_h5_npz_npy(mixed_folder, tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
   assert "features: 8 slides, dim 6" in r.stdout and "Bag classification (test split)" in r.stdout
-  m = json.load(open(os.path.join(wd, "metrics.json")))
+  m = json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())
   assert m["num_slides"] == {"train": 5, "test": 3} and m["dim"] == 6
   head = m["heads"]["abmil"]
   assert head["bag"]["num_bags"] == 3 and set(head["bag"]) >= {"f1", "auc", "sensitivity"}
   assert "retrieval" not in head  # no instance labels in these files
-  assert "not scored" in open(os.path.join(wd, "results.md")).read()
+  assert "not scored" in pathlib.Path(os.path.join(wd, "results.md")).read_text()
   wd = os.path.join(wd, "mil_abmil")  # the head's own files
   preds = _read_csv(os.path.join(wd, "predictions.csv"))
   assert [p["slide_id"] for p in preds] == [f"slide_{i}" for i in range(8)]
@@ -165,7 +166,7 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
   # witness) yes; val m7 (positive, .npz without witness) no.
   assert res["retrieval"]["num_positive_bags"] == 1 and res["retrieval"]["num_witnesses"] == 2
   assert "retrieval" not in res["val"]
-  metrics = json.load(open(os.path.join(wd, "metrics.json")))
+  metrics = json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())
   assert metrics["heads"]["abmil"]["tasks"]["grade"]["bag"]["num_bags"] == 2
   preds = _read_csv(os.path.join(wd, "mil_abmil", "predictions.csv"))
   assert list(preds[0]) == ["slide_id", "split", "tumor", "grade", "prob_tumor", "prob_grade"]

@@ -4,6 +4,7 @@ tasks' predictions by a single bit; training resumes from checkpoints."""
 
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ def test_single_task_head_learns_toy(head, tmp_path, toy, cfg_for):
   if head == "asmil":  # the EMA anchor trails the online parameters
     gap = jax.tree.map(lambda a, p: float(np.abs(a - p).max()), state.anchor, state.params)
     assert max(jax.tree.leaves(gap)) > 0
-  records = [json.loads(l) for l in open(tmp_path / "mil_metrics.jsonl")]
+  records = [json.loads(l) for l in pathlib.Path(tmp_path / "mil_metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(1, cfg.epochs + 1))
   assert all(np.isfinite(r["attention_jsd"]) and r["attention_jsd"] >= 0 for r in records)
 
@@ -53,7 +54,7 @@ def test_mecds_multitask_and_extension(tmp_path, toy, cfg_for):
                            [test_wit[i][t] for i in pos])
     assert hits >= 0.8, (t, hits)
   def phases():
-    return [json.loads(l)["phase"] for l in open(tmp_path / "mil_metrics.jsonl")]
+    return [json.loads(l)["phase"] for l in pathlib.Path(tmp_path / "mil_metrics.jsonl").read_text().splitlines()]
   assert phases() == ["teacher"] * 15 + ["student"] * 15
 
   ext = mil_train.extend(cfg, state, bags, labels[:, 2], str(tmp_path), seed=0,
@@ -75,6 +76,6 @@ def test_resume_continues_and_rewrites_metrics(tmp_path, toy, cfg_for):
   cfg.epochs = 5  # resumes from the checkpoint of epoch 3 (the last epoch is saved)
   state = mil_train.fit(cfg, bags, labels, str(tmp_path), seed=0, verbose=False)
   assert int(state.epoch) == 5 and int(state.step) == 5 * 2
-  epochs = [json.loads(l)["epoch"] for l in open(tmp_path / "mil_metrics.jsonl")]
+  epochs = [json.loads(l)["epoch"] for l in pathlib.Path(tmp_path / "mil_metrics.jsonl").read_text().splitlines()]
   assert epochs == [1, 2, 3, 4, 5]
   assert os.path.isdir(tmp_path / "mil_ckpt")

@@ -4,6 +4,7 @@ the README ("Your own slides") end to end on a small generated cohort."""
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -101,7 +102,7 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
   r = _run(*train)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert "## Cross-validation" in r.stdout and "decoded" in r.stdout
-  metrics = json.load(open(os.path.join(wd, "metrics.json")))
+  metrics = json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())
   assert metrics["folds"] == ["fold0", "fold1"] and metrics["tasks"] == ["label"]
   assert {"auc", "balanced_accuracy", "f1", "sensitivity", "specificity"} <= set(
       metrics["summary"][0])
@@ -120,7 +121,7 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
   r2 = _run(*train)
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert r2.stdout.count("recorded, skipped") == 2 and "cache hit" in r2.stdout
-  assert json.load(open(os.path.join(wd, "metrics.json")))["summary"] == metrics["summary"]
+  assert json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())["summary"] == metrics["summary"]
 
   r = _run("slamjax.predict", "--workdir", wd, "--slides", new, "--out", out)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -132,4 +133,4 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
     att = _rows(os.path.join(out, "attention", f"{p['slide_id']}.csv"))
     assert sorted(int(a["rank"]) for a in att) == list(range(1, len(att) + 1))
     assert os.path.exists(os.path.join(out, "galleries", f"{p['slide_id']}.png"))
-  assert "# slamjax predictions" in open(os.path.join(out, "report.md")).read()
+  assert "# slamjax predictions" in pathlib.Path(os.path.join(out, "report.md")).read_text()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_report_tables_cis_collapse_marks_and_paired_differences(tmp_path):
         json.dump(rec, f)
   recs = report.write_report(str(tmp_path))
   assert len(recs) == 9
-  md = open(tmp_path / "results.md").read()
+  md = pathlib.Path(tmp_path / "results.md").read_text()
   st = report.Stats(recs, 200)
   c = st.cell("per_task", 0.01, ("bag", "projection", "abmil", "auc"))
   assert c["lo"] <= c["mean"] <= c["hi"] and c["n"] == 3 and c["collapsed"] == 0
@@ -107,7 +108,7 @@ def test_report_tables_cis_collapse_marks_and_paired_differences(tmp_path):
   d = st.diff("per_task", "simclr", 0.01, ("probe", "backbone", "linear"))
   assert d["lo"] > 0 and "**+" in md
   assert "| SLAM-AGS (published) | 1.0% | **3/3** | 15, 15, 15 | 0.40 → 0.020 |" in md
-  rows = open(tmp_path / "results.csv").read().splitlines()
+  rows = pathlib.Path(tmp_path / "results.csv").read_text().splitlines()
   assert len(rows) == 1 + 9 * 2 and "conflict_rate" in rows[0] and "linear_auc" in rows[0]
   for name in ("auc_vs_witness_rate.png", "f1_vs_witness_rate.png",
                "probe_auc_vs_witness_rate.png", "spread_curves.png", "ntxent_curves.png",

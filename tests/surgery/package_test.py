@@ -6,6 +6,7 @@ import doctest
 import importlib
 import inspect
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -65,7 +66,7 @@ def test_surgery_guide_example_runs(capsys):
   path = os.path.join(root, "docs", "surgery.md")
   if not os.path.exists(path):
     pytest.skip("no docs/surgery.md next to the package (installed copy)")
-  text = open(path).read()
+  text = pathlib.Path(path).read_text()
   code = text.split("```python\n", 1)[1].split("```", 1)[0]
   exec(compile(code, path, "exec"), {"__name__": "readme_example"})
   lines = capsys.readouterr().out.strip().splitlines()
