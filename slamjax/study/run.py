@@ -32,7 +32,7 @@ import numpy as np
 from slamjax.study import methods as methods_lib
 
 _HISTORY_KEYS = ("step", "loss_simclr", "loss_sim", "grad_cos", "embed_std", "lr",
-                 "grad_norm_simclr", "grad_norm_sim")
+                 "grad_norm_simclr", "grad_norm_sim", "ntxent_uniform", "embed_std_neg")
 
 
 def _compact(history: list[dict]) -> list[dict]:
