@@ -77,6 +77,7 @@ def _run_pretrain(workdir, **kw):
                           text=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   ref_dir, kill_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
   ref = _run_pretrain(ref_dir)
@@ -241,7 +242,7 @@ def test_per_task_heads_split_gradients_weights_and_leaf_surgery(fast_compiles):
   # projected; its update is that task's gradient.
   tx = pretrain.build_surgery(cfg, model)
   stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), g0, g1)
-  updates, _ = tx.update(stacked, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(stacked, tx.init(params), params)
   _assert_trees_close(updates["head"], g0["head"])
   _assert_trees_close(updates["sim_head"], g1["sim_head"])
 
