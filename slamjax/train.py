@@ -58,9 +58,11 @@ def bag_tasks(cfg, pool) -> tuple[tuple[str, ...], list[int]] | None:
   return names, list(pool.class_index(names))
 
 
-def prepare_data(cfg):
-  """(pool, bags): loads the cell pool and simulates the bags of every split."""
-  pool = sources.load_pool(cfg.data, cfg.seed)
+def prepare_data(cfg, pool=None):
+  """(pool, bags): loads the cell pool (unless given) and simulates the bags
+  of every split."""
+  if pool is None:
+    pool = sources.load_pool(cfg.data, cfg.seed)
   plan = make_bag_plan(cfg, pool)
   plan.validate()
   return pool, bags_lib.make_bags(pool.labels, plan, cfg.seed)
@@ -91,8 +93,12 @@ def linear_probe(train_x, train_y, test_x, test_y) -> dict:
           "balanced_accuracy": float(balanced_accuracy_score(test_y, p >= 0.5))}
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-  """Runs or resumes the pipeline; writes results under ``workdir``."""
+def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
+  """Runs or resumes the pipeline; writes results under ``workdir``.
+
+  ``pool``: the cell pool of ``cfg.data`` and ``cfg.seed`` if the caller has
+  it already (the study reuses one across runs); else it is loaded.
+  """
   config_lib.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   main_process = distributed.is_main_process()  # the only one writing files
@@ -102,7 +108,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   timing = {}
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh.data)
-  pool, bags = prepare_data(cfg)
+  pool, bags = prepare_data(cfg, pool)
   if main_process:
     _write_bags(workdir, pool, bags)
   timing["data"] = time.perf_counter() - t0

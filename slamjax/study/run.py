@@ -136,11 +136,11 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
   from slamjax.data import batching
   from slamjax.study import encoder_eval
   t0 = time.perf_counter()
-  results = train.train_and_evaluate(c, workdir)
+  pool, bagsets = _pool_and_bags(c)
+  results = train.train_and_evaluate(c, workdir, pool=pool)
   history = progress.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
   enc = other = None
   batch_pos = None
-  pool, bagsets = _pool_and_bags(c)
   mesh = sharding.make_mesh(c.mesh.data)
   if c.pretrain.epochs > 0:
     tr = bagsets["train"]
