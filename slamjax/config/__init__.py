@@ -11,6 +11,7 @@ Example:
 from slamjax.config.base import get_config as defaults
 from slamjax.config.load import load
 from slamjax.config.validate import names
+from slamjax.config.validate import parse_shard
 from slamjax.config.validate import validate
 
-__all__ = ["defaults", "load", "names", "validate"]
+__all__ = ["defaults", "load", "names", "parse_shard", "validate"]

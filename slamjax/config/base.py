@@ -204,6 +204,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.study.methods = ("random_init", "slam_ags")
   c.study.seeds = (0, 1, 2)
   c.study.results_dir = ""  # "" = workdir/results
+  # "i/n": this process runs every n-th run of the study (run k if k % n == i),
+  # so that n processes on one machine share the work ("" = all runs).
+  c.study.shard = ""
   # Encoder-only measures (slamjax/study/encoder_eval.py): linear-probe and
   # kNN AUC, witness vs normal, on held-out cells, backbone and projection.
   c.study.encoder_eval = True

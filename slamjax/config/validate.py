@@ -95,6 +95,24 @@ def _names(cfg) -> None:
   multihead.head_names(cfg.mil)
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+  """``(i, n)`` of ``config.study.shard`` ("i/n", or "" for (0, 1)).
+
+  >>> parse_shard("1/2"), parse_shard("")
+  ((1, 2), (0, 1))
+  """
+  if not shard:
+    return 0, 1
+  try:
+    i, n = (int(x) for x in str(shard).split("/"))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ValueError(f"config.study.shard={shard!r}; valid: '' (every run) or 'i/n' "
+                     "with 0 <= i < n, e.g. '0/2' and '1/2' for two processes")
+  return i, n
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError on unknown keys, unknown names or out-of-range values."""
   _unknown_keys(cfg, base_lib.get_config(), "")
@@ -128,5 +146,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _range("eval.top_k", cfg.eval.top_k, 1, inf, integer=True)
   _range("eval.folds", cfg.eval.folds, 1, inf, integer=True)
   _range("data.test_fraction", cfg.data.test_fraction, 0, 1, lo_open=True, hi_open=True)
+  parse_shard(cfg.study.shard)
   for name in names(cfg.eval.baselines):
     _choice("eval.baselines", name, ("simclr", "random_init"))

@@ -26,7 +26,9 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -407,10 +409,26 @@ def _plot_curves(path, recs, methods, rates, key, title, ylabel, log=False, hlin
 
 
 def write_report(results_dir: str, cfg=None) -> list[dict]:
-  """Rebuilds the tables and plots from the records; returns the records."""
+  """Rebuilds the tables and plots from the records; returns the records.
+
+  The files are written to a temporary folder and then moved into place
+  one by one, so that study processes running side by side (``study.shard``)
+  never leave a half-written table or plot.
+  """
   recs = load_records(results_dir)
   if not recs:
     return recs
+  out = tempfile.mkdtemp(prefix=".report-", dir=results_dir)
+  try:
+    _write_files(out, recs, cfg)
+    for name in os.listdir(out):
+      os.replace(os.path.join(out, name), os.path.join(results_dir, name))
+  finally:
+    shutil.rmtree(out, ignore_errors=True)
+  return recs
+
+
+def _write_files(results_dir: str, recs, cfg) -> None:
   b = int(cfg.study.get("bootstrap", 1000)) if cfg is not None else 1000
   methods, rates, heads = _axes(recs, cfg)
   with open(os.path.join(results_dir, "results.md"), "w") as f:

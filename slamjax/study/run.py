@@ -117,11 +117,16 @@ def _record_path(out_dir: str, rid: str) -> str:
   return os.path.join(out_dir, "runs", rid.replace("/", "_") + ".json")
 
 
-def _write_json(path: str, obj) -> None:
+def _write_text(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:  # atomic: a killed run leaves no record
-    json.dump(obj, f, separators=(",", ":"))
-  os.replace(path + ".tmp", path)
+  tmp = f"{path}.{os.getpid()}.tmp"  # atomic: a killed run leaves no record
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  _write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
@@ -169,16 +174,30 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
   return rec
 
 
+def shard_runs(runs: list, shard: str) -> list:
+  """The runs of ``study.shard`` "i/n": run k if k % n == i. By position in
+  the whole study, so shards started at different times never overlap."""
+  from slamjax import config as config_lib
+  i, n = config_lib.parse_shard(shard)
+  return [r for k, r in enumerate(runs) if k % n == i]
+
+
 def run_study(cfg, workdir: str) -> list[dict]:
   """Runs every missing run of the study, then writes the report."""
   from slamjax.study import report
+  from slamjax import config as config_lib
   out_dir = cfg.study.results_dir or os.path.join(workdir, "results")
   os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-  with open(os.path.join(out_dir, "study_config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  shard, num_shards = config_lib.parse_shard(cfg.study.shard)
+  if shard == 0:  # the study's config, the same for every shard
+    whole = cfg.to_dict()
+    whole["study"]["shard"] = ""
+    _write_text(os.path.join(out_dir, "study_config.json"), json.dumps(whole, indent=2))
   runs = list(methods_lib.run_configs(cfg))
-  todo = [(rid, c) for rid, c in runs if not os.path.exists(_record_path(out_dir, rid))]
-  print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
+  mine = shard_runs(runs, cfg.study.shard)
+  todo = [(rid, c) for rid, c in mine if not os.path.exists(_record_path(out_dir, rid))]
+  part = f" (shard {shard}/{num_shards}: {len(mine)} of them)" if num_shards > 1 else ""
+  print(f"study: {len(runs)} runs{part}, {len(mine) - len(todo)} already recorded in "
         f"{out_dir}/runs, {len(todo)} to go", flush=True)
   t_start = time.perf_counter()
   for i, (rid, c) in enumerate(todo):

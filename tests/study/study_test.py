@@ -41,6 +41,18 @@ def test_run_plan_applies_method_overrides():
   config_lib.validate(c)
 
 
+def test_shards_split_the_runs_without_overlap():
+  cfg = config_lib.load("witness_study")
+  ids = [rid for rid, _ in methods.run_configs(cfg)]
+  a, b = run.shard_runs(ids, "0/2"), run.shard_runs(ids, "1/2")
+  assert sorted(a + b) == sorted(ids) and not set(a) & set(b)
+  assert run.shard_runs(ids, "") == ids
+  for bad in ("2/2", "1", "x/2", "-1/2"):
+    cfg.study.shard = bad
+    with pytest.raises(ValueError, match="study.shard"):
+      config_lib.validate(cfg)
+
+
 def test_unknown_method_and_key_are_named():
   cfg = config_lib.load("witness_study", "quick")
   cfg.study.methods = ("slam_ags", "byol")
