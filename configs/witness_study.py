@@ -12,8 +12,11 @@ Every finished run is recorded in ``docs/results/slam_variants/runs/`` and the
 tables and plots there are rebuilt after each run; rerunning the same command
 skips recorded runs and resumes an interrupted one (from its pretraining and
 MIL checkpoints), so the study is finished across sessions by running it
-again. Quick variant (PBC subset, tiny bags, 2 methods; results in the
-workdir; the tests use it): ``--config configs/witness_study.py:quick``.
+again. One process keeps about one core of a 2-core machine busy; two
+processes, with ``--config.study.shard=0/2`` and ``--config.study.shard=1/2``
+and the same workdir, share the runs between them. Quick variant (PBC
+subset, tiny bags, 2 methods; results in the workdir; the tests use it):
+``--config configs/witness_study.py:quick``.
 
 Design (issue 18, item 2), sized for about 6 hours on this 2-core CPU:
 - 10 methods (``slamjax/study/methods.py``): random init, SimCLR, the
