@@ -73,7 +73,7 @@ def test_auc_and_f1_rows_match_sklearn():
   assert math.isnan(report.auc_rows(np.zeros(4), np.arange(4.0))[0])
 
 
-def _record(method, wr, seed, shift, collapsed=False):
+def _record(method, wr, seed, shift, collapsed=False, at_end=True):
   rng = np.random.default_rng([seed, int(wr * 1000)])  # same bags for every method
   y = np.repeat([0, 1], 50)
   noise = rng.random(100)
@@ -91,7 +91,8 @@ def _record(method, wr, seed, shift, collapsed=False):
                            "knn": rng.random(120).tolist()}
                        for f in ("projection", "backbone")}},
           "batch_pos": 64, "seconds": 10.0,
-          "collapse": {"collapsed": collapsed, "first_step": 15 if collapsed else None},
+          "collapse": {"collapsed": collapsed, "first_step": 15 if collapsed else None,
+                       "collapsed_at_end": collapsed and at_end},
           "pretrain_history": [{"step": 5, "loss_simclr": 4.8, "loss_sim": 1.0,
                                 "grad_cos": -0.5, "embed_std": 0.4},
                                {"step": 10, "loss_simclr": 4.84, "loss_sim": 0.1,
@@ -102,18 +103,21 @@ def test_report_tables_cis_collapse_marks_and_paired_differences(tmp_path):
   os.makedirs(tmp_path / "runs")
   for seed in range(3):
     for m, shift, col in (("simclr", 0.2, False), ("slam_ags", 0.2, True),
-                          ("per_task", 0.6, False)):
-      rec = _record(m, 0.01, seed, shift, col)
+                          ("per_task", 0.6, False), ("lowsim", 0.3, seed == 0)):
+      rec = _record(m, 0.01, seed, shift, col, at_end=m != "lowsim")
       with open(tmp_path / "runs" / f"{rec['id'].replace('/', '_')}.json", "w") as f:
         json.dump(rec, f)
   recs = report.write_report(str(tmp_path))
-  assert len(recs) == 9
+  assert len(recs) == 12
   md = pathlib.Path(tmp_path / "results.md").read_text()
   st = report.Stats(recs, 200)
   c = st.cell("per_task", 0.01, ("bag", "projection", "abmil", "auc"))
   assert c["lo"] <= c["mean"] <= c["hi"] and c["n"] == 3 and c["collapsed"] == 0
   assert st.cell("slam_ags", 0.01, ("bag", "projection", "abmil", "auc"))["collapsed"] == 3
   assert "†3" in md  # collapsed runs are marked in the tables
+  low = st.cell("lowsim", 0.01, ("bag", "projection", "abmil", "auc"))
+  assert (low["collapsed"], low["recovered"]) == (0, 1) and "‡1" in md
+  assert "| low-sim 0.1 | 1.0% | **1/3** (1 not at end) |" in md
   # identical scores give an exactly-zero paired difference
   d = st.diff("slam_ags", "simclr", 0.01, ("bag", "projection", "abmil", "auc"))
   assert d["mean"] == 0 and d["lo"] == 0 and d["hi"] == 0
@@ -121,7 +125,7 @@ def test_report_tables_cis_collapse_marks_and_paired_differences(tmp_path):
   assert d["lo"] > 0 and "**+" in md
   assert "| SLAM-AGS (published) | 1.0% | **3/3** | 15, 15, 15 | 0.40 → 0.020 |" in md
   rows = pathlib.Path(tmp_path / "results.csv").read_text().splitlines()
-  assert len(rows) == 1 + 9 * 2 and "conflict_rate" in rows[0] and "linear_auc" in rows[0]
+  assert len(rows) == 1 + 12 * 2 and "conflict_rate" in rows[0] and "linear_auc" in rows[0]
   for name in ("auc_vs_witness_rate.png", "f1_vs_witness_rate.png",
                "probe_auc_vs_witness_rate.png", "spread_curves.png", "ntxent_curves.png",
                "gradient_conflict.png"):
