@@ -206,10 +206,14 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
            "bag by attention (found = true witnesses among the top K, over all bags)."]
   c = results.get("collapse") or {}
   if c.get("collapsed"):
-    intro.append(f"**Warning: pretraining collapsed the projection** (first at step "
-                 f"{c['first_step']}; final spread {c['final_spread']:.3f}, NT-Xent "
-                 f"{c['final_ntxent']:.3f} vs log(2B-1) = {c['ntxent_uniform']:.3f}): the "
-                 "embeddings carry little information. See `pretrain_collapse.json`.")
+    ended = c.get("collapsed_at_end", True)
+    intro.append(
+        ("**Warning: pretraining collapsed the projection**" if ended else
+         "**Note: pretraining was flagged as collapsed, but ended past both thresholds**")
+        + f" (first at step {c['first_step']}; final spread {c['final_spread']:.3f}, "
+        f"NT-Xent {c['final_ntxent']:.3f} vs log(2B-1) = {c['ntxent_uniform']:.3f})"
+        + (": the embeddings carry little information." if ended else ".")
+        + " See `pretrain_collapse.json`.")
   print(report.write_results(
       workdir, results, intro, task_note=(
           "A task is positive when the bag holds a cell of that class; the head's bag "

@@ -82,9 +82,18 @@ def summary_rows(records: dict, task_names) -> list[dict]:
         if len(task_names) > 1:
           row["task"] = task
         row.update({m: _mean_std([p[m] for p in per_fold]) for m in METRICS})
-        row["collapsed folds"] = f"{sum(bool((r.get('collapse') or {}).get('collapsed')) for r in recs)}/{len(recs)}"
+        row["collapsed folds"] = f"{sum(_collapse(r) == 'yes' for r in recs)}/{len(recs)}"
         rows.append(row)
   return rows
+
+
+def _collapse(rec) -> str:
+  """"yes" (collapsed at the end of pretraining), "flagged, ended past the
+  thresholds" or "no"."""
+  c = rec.get("collapse") or {}
+  if not c.get("collapsed"):
+    return "no"
+  return "yes" if c.get("collapsed_at_end", True) else "flagged, ended past the thresholds"
 
 
 def fold_rows(records: dict, task_names) -> list[dict]:
@@ -99,7 +108,7 @@ def fold_rows(records: dict, task_names) -> list[dict]:
             row["task"] = task
           row.update({k: m[k] for k in METRICS})
           row["threshold"] = m["threshold"]
-          row["collapsed"] = "yes" if (r.get("collapse") or {}).get("collapsed") else "no"
+          row["collapsed"] = _collapse(r)
           rows.append(row)
   return rows
 
@@ -200,8 +209,7 @@ def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dic
         "training slides (Youden's J); metrics on its held-out slides, mean ± std over "
         "folds.", "",
         "## Cross-validation", "", report.markdown_table(summary, list(summary[0])), ""]
-  collapsed = [r for recs in records.values() for r in recs
-               if (r.get("collapse") or {}).get("collapsed")]
+  collapsed = [r for recs in records.values() for r in recs if _collapse(r) == "yes"]
   if collapsed:
     md += [f"**Warning: pretraining collapsed the projection in {len(collapsed)} fold "
            "run(s)** (marked above); their embeddings carry little information. "

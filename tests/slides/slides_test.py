@@ -86,6 +86,19 @@ def _rows(path):
 
 
 @pytest.mark.slow
+def test_collapse_marks_tell_collapsed_from_flagged_and_recovered():
+  from slamjax.slides import report as slides_report
+  m = {k: 0.5 for k in slides_report.METRICS} | {"threshold": 0.5}
+  rec = lambda fold, col: {"fold": fold, "heads": {"abmil": {"metrics": {"dx": m}}},
+                           "collapse": col}
+  recs = {"slam_ags": [rec(0, {"collapsed": True, "collapsed_at_end": True}),
+                       rec(1, {"collapsed": True, "collapsed_at_end": False}),
+                       rec(2, {"collapsed": False}), rec(3, None)]}
+  assert slides_report.summary_rows(recs, ["dx"])[0]["collapsed folds"] == "1/4"
+  assert [r["collapsed"] for r in slides_report.fold_rows(recs, ["dx"])] == [
+      "yes", "flagged, ended past the thresholds", "no", "no"]
+
+
 def test_readme_commands_cross_validate_and_predict(tmp_path):
   cohort, new = str(tmp_path / "cohort"), str(tmp_path / "new")
   make_cohort.make_cohort(cohort, source="synthetic", patients=12, min_cells=8,
