@@ -38,10 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.width = 8 if quick else 16
   c.model.proj_dims = (64, 64) if quick else (512, 512)
 
-  # The similarity loss has no repulsion; at weight 1 it collapses the
-  # projection within ~15 steps (NT-Xent stuck at log(2B-1) = 4.84) and
-  # surgery cannot undo it, so it is weighted 0.1 here (the reference: 1.0).
-  c.pretrain.task_weights = (1.0, 0.1)
+  # Equal task weights and per-task projection heads (the base defaults):
+  # on one shared head the similarity loss, which has no repulsion, collapses
+  # the projection (docs/results/slam_variants).
   c.pretrain.epochs = 2 if quick else 15
   c.pretrain.batch_size = 32 if quick else 128
   c.pretrain.warmup_epochs = 1 if quick else 2

@@ -58,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.width = 8 if quick else 16
   c.model.proj_dims = (64, 64) if quick else (512, 512)
 
-  c.pretrain.task_weights = (1.0, 1.0)  # (SimCLR, similarity), as the reference
+  # (SimCLR, similarity) 1:1 as the reference, on per-task projection heads
+  # (the base default); --config.model.projection=shared is the reference.
+  c.pretrain.task_weights = (1.0, 1.0)
   c.pretrain.epochs = 1 if quick else 40
   c.pretrain.batch_size = 16 if quick else 128
   c.pretrain.warmup_epochs = 1 if quick else 4

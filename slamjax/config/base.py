@@ -86,10 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_dims = (512, 512)
   c.model.impl = "auto"
   c.model.head_norm = False
-  # "shared": one projection head for both tasks (the reference), or
-  # "per_task": a SimCLR head and a similarity head on the shared backbone;
-  # embed.output="projection" then reads the SimCLR head.
-  c.model.projection = "shared"
+  # "per_task" (default): a SimCLR head and a similarity head on the shared
+  # backbone; embed.output="projection" reads the SimCLR head. "shared": one
+  # head for both tasks, as the reference; at equal weights its similarity
+  # loss collapses that head (docs/results/slam_variants).
+  c.model.projection = "per_task"
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name

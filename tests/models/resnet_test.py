@@ -107,9 +107,9 @@ def test_get_model_from_config():
   cfg.width, cfg.proj_dims, cfg.impl = 4, (8, 8), "cpu"
   model = resnet.get_model(cfg)
   assert (model.width, tuple(model.proj_dims), model.impl) == (4, (8, 8), "cpu")
-  assert (model.head_norm, model.projection) == (False, "shared")
-  cfg.projection = "per_task"
-  assert resnet.get_model(cfg).projection == "per_task"
+  assert (model.head_norm, model.projection) == (False, "per_task")
+  cfg.projection = "shared"
+  assert resnet.get_model(cfg).projection == "shared"
   cfg.name = "vit"
   with pytest.raises(ValueError, match="resnet18"):
     resnet.get_model(cfg)
