@@ -392,9 +392,9 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   if monitor is not None and main_process:
     summary = monitor.write(workdir)
     if summary["collapsed"]:
-      state = ("COLLAPSED" if summary["collapsed_at_end"] else
-               "flagged as collapsed, but past both thresholds at the end")
-      print(f"pretrain: {state} (first at step {summary['first_step']}; final spread "
+      verdict = ("COLLAPSED" if summary["collapsed_at_end"] else
+                 "flagged as collapsed, but past both thresholds at the end")
+      print(f"pretrain: {verdict} (first at step {summary['first_step']}; final spread "
             f"{summary['final_spread']:.3g}, NT-Xent {summary['final_ntxent']:.4g} vs "
             f"log(2B-1) {summary['ntxent_uniform']:.4g}); see "
             f"{os.path.join(workdir, collapse_lib.FILENAME)}", flush=True)
