@@ -127,8 +127,14 @@ def summarize(history: Sequence[dict], batch_pos: int | None = None,
 
 
 def warning_text(step: int, metrics: dict, batch_pos: int, spread: float,
-                 margin: float, resumed: bool = False, patience: int = 1) -> str:
-  """The console warning: collapsed since ``step``; ``metrics`` the latest."""
+                 margin: float, resumed: bool = False, patience: int = 1,
+                 projection: str = "shared") -> str:
+  """The console warning: collapsed since ``step``; ``metrics`` the latest.
+
+  ``projection`` (``model.projection``) picks the advice: a shared head is
+  pulled together by the similarity loss; per-task heads are not, so there
+  SimCLR itself has not spread the cells (yet).
+  """
   uniform = ntxent_uniform(batch_pos)
   s, loss = metrics.get("embed_std", float("nan")), metrics.get("loss_simclr", float("nan"))
   when = f"at step {step}" + (f" (held for {patience} logged steps)" if patience > 1 else "") + (
@@ -150,15 +156,26 @@ def warning_text(step: int, metrics: dict, batch_pos: int, spread: float,
       f"(B = {batch_pos}; collapsed within {margin:g})",
       f"  gradient cosine     {float(metrics.get('grad_cos', float('nan'))):.3f} "
       "(SimCLR vs similarity task)",
-      "  The reference similarity loss has no repulsion; on a projection shared",
-      "  with SimCLR it pulls every cell together, and surgery does not stop it.",
-      "  Try: --config.model.projection=per_task (one head per task; with",
-      "  --config.pretrain.similarity=repel too), a variance floor",
-      "  (--config.pretrain.variance_weight=25), a smaller similarity weight",
-      "  (--config.pretrain.task_weights=1.0,0.1), a lower --config.pretrain.lr,",
-      "  or MIL on backbone features (--config.embed.output=backbone).",
+      *(_SHARED_ADVICE if projection == "shared" else _PER_TASK_ADVICE),
       "=" * 78,
   ])
+
+
+_SHARED_ADVICE = (
+    "  The reference similarity loss has no repulsion; on a projection shared",
+    "  with SimCLR it pulls every cell together, and surgery does not stop it.",
+    "  Try: --config.model.projection=per_task (one head per task, the default;",
+    "  with --config.pretrain.similarity=repel too), a variance floor",
+    "  (--config.pretrain.variance_weight=25), a smaller similarity weight",
+    "  (--config.pretrain.task_weights=1.0,0.1), a lower --config.pretrain.lr,",
+    "  or MIL on backbone features (--config.embed.output=backbone).")
+_PER_TASK_ADVICE = (
+    "  The SimCLR head is its own (model.projection=per_task), so the similarity",
+    "  loss cannot pull it together: SimCLR has not spread these cells. Early in",
+    "  a run that is often a slow start; the end-of-run line says whether it",
+    "  lasted. Try: a lower --config.pretrain.lr, more warm-up",
+    "  (--config.pretrain.warmup_epochs), a larger --config.pretrain.batch_size,",
+    "  or MIL on backbone features (--config.embed.output=backbone).")
 
 
 class Monitor:
@@ -171,8 +188,10 @@ class Monitor:
 
   def __init__(self, batch_pos: int, spread: float = DEFAULT_SPREAD,
                margin: float = DEFAULT_MARGIN, patience: int = DEFAULT_PATIENCE,
-               history: Iterable[dict] = (), echo: bool = True):
+               history: Iterable[dict] = (), echo: bool = True,
+               projection: str = "shared"):
     self.batch_pos, self.spread, self.margin = batch_pos, spread, margin
+    self.projection = projection
     self.patience, self.echo = max(1, int(patience)), echo
     self.history = list(history)
     self.warned = False
@@ -187,7 +206,7 @@ class Monitor:
     if self.echo:
       first = self.history[len(self.history) - self.streak].get("step")
       print(warning_text(first, metrics, self.batch_pos, self.spread, self.margin,
-                         resumed, self.patience), flush=True)
+                         resumed, self.patience, self.projection), flush=True)
 
   def update(self, step: int, metrics: dict) -> bool:
     """Records one logged step; returns whether it meets a collapse criterion."""

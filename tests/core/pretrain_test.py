@@ -354,6 +354,10 @@ def test_monitor_warns_once_and_writes_summary(tmp_path, capsys):
   # A resumed run whose earlier steps collapsed says so at once, once.
   collapse.Monitor(32, patience=2, history=_history([0.5, 0.03, 0.02], [3.0] * 3))
   assert "before this resumed run" in capsys.readouterr().out
+  # Per-task heads: the advice is not to switch to per-task heads.
+  collapse.Monitor(32, patience=1, projection="per_task").update(5, {"embed_std": 0.01})
+  out = capsys.readouterr().out
+  assert "SimCLR has not spread" in out and "projection=per_task (one head" not in out
   quiet = collapse.Monitor(32, patience=1, echo=False)
   assert quiet.update(5, {"embed_std": 0.01}) and quiet.warned
   assert capsys.readouterr().out == ""
