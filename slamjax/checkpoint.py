@@ -53,7 +53,8 @@ class Checkpointer:
             save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
                 ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
                 ocp.checkpoint_managers.SpecificStepsPolicy(tuple(save_on_steps)),
-                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]), enable_async_checkpointing=False,
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
+            enable_async_checkpointing=False,
             multiprocessing_options=multiprocessing))
 
   def latest_step(self) -> int | None:

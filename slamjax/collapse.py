@@ -126,6 +126,20 @@ def summarize(history: Sequence[dict], batch_pos: int | None = None,
           "patience": int(patience)}
 
 
+def end_state(summary: dict | None) -> str | None:
+  """How a :func:`summarize` dict ended: "end" (flagged and still collapsed at
+  the last logged step), "recovered" (flagged, but past both thresholds at
+  the last logged step) or None (never flagged). A summary written before
+  ``collapsed_at_end`` existed counts as "end".
+
+  >>> end_state({"collapsed": True, "collapsed_at_end": False}), end_state(None)
+  ('recovered', None)
+  """
+  if not (summary or {}).get("collapsed"):
+    return None
+  return "end" if summary.get("collapsed_at_end", True) else "recovered"
+
+
 def warning_text(step: int, metrics: dict, batch_pos: int, spread: float,
                  margin: float, resumed: bool = False, patience: int = 1,
                  projection: str = "shared") -> str:

@@ -392,7 +392,7 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   if monitor is not None and main_process:
     summary = monitor.write(workdir)
     if summary["collapsed"]:
-      verdict = ("COLLAPSED" if summary["collapsed_at_end"] else
+      verdict = ("COLLAPSED" if collapse_lib.end_state(summary) == "end" else
                  "flagged as collapsed, but past both thresholds at the end")
       print(f"pretrain: {verdict} (first at step {summary['first_step']}; final spread "
             f"{summary['final_spread']:.3g}, NT-Xent {summary['final_ntxent']:.4g} vs "

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from slamjax import collapse
 from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import embed
@@ -205,8 +206,9 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
            f"({test['num_positive']} positive); retrieval ranks the cells of each positive "
            "bag by attention (found = true witnesses among the top K, over all bags)."]
   c = results.get("collapse") or {}
-  if c.get("collapsed"):
-    ended = c.get("collapsed_at_end", True)
+  collapse_end = collapse.end_state(c)
+  if collapse_end is not None:
+    ended = collapse_end == "end"
     intro.append(
         ("**Warning: pretraining collapsed the projection**" if ended else
          "**Note: pretraining was flagged as collapsed, but ended past both thresholds**")

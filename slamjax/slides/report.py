@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from slamjax import collapse  # noqa: E402
 from slamjax import evaluate  # noqa: E402
 from slamjax import report  # noqa: E402
 
@@ -90,10 +91,8 @@ def summary_rows(records: dict, task_names) -> list[dict]:
 def _collapse(rec) -> str:
   """"yes" (collapsed at the end of pretraining), "flagged, ended past the
   thresholds" or "no"."""
-  c = rec.get("collapse") or {}
-  if not c.get("collapsed"):
-    return "no"
-  return "yes" if c.get("collapsed_at_end", True) else "flagged, ended past the thresholds"
+  return {"end": "yes", "recovered": "flagged, ended past the thresholds",
+          None: "no"}[collapse.end_state(rec.get("collapse"))]
 
 
 def fold_rows(records: dict, task_names) -> list[dict]:

@@ -34,6 +34,7 @@ import tempfile
 
 import numpy as np
 
+from slamjax import collapse
 from slamjax.study import methods as methods_lib
 
 FEATURES = ("projection", "backbone")
@@ -206,14 +207,10 @@ def _table(title, methods, rates, cell_fn) -> list[str]:
 
 
 def collapse_state(rec) -> str | None:
-  """"end": flagged and still collapsed at the last logged step; "recovered":
-  flagged (e.g. NT-Xent held at log(2B-1) for the first steps) but past both
-  thresholds at the last logged step; None: never flagged. Records without ``collapsed_at_end`` count
-  as "end"."""
-  col = rec.get("collapse") or {}
-  if not col.get("collapsed"):
-    return None
-  return "end" if col.get("collapsed_at_end", True) else "recovered"
+  """:func:`slamjax.collapse.end_state` of a run record: "end", "recovered"
+  (flagged, e.g. NT-Xent held at log(2B-1) for the first steps, but past both
+  thresholds at the end) or None."""
+  return collapse.end_state(rec.get("collapse"))
 
 
 def pretrain_stats(rec) -> dict:
