@@ -57,8 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mil.attention_dim = 8 if quick else 64
   c.mil.epochs = 3 if quick else 40
   c.mil.batch_size = 4
+  c.mil.class_balance = True  # real cohorts are often 2:1 or worse
+
+  c.augment.policy = "cytology"  # rotations/flips, no hue/saturation jitter, no rescaling
 
   c.eval.folds = 2 if quick else 5
+  c.eval.inner_folds = 2 if quick else 5
   c.eval.top_k = 8
   c.eval.num_plot_bags = 2 if quick else 4
   c.eval.linear_probe = False  # needs cell labels, which slides do not have

@@ -9,7 +9,8 @@ images per slide (a slide CSV in it is optional: no labels are needed) or a
 slide CSV whose folder holds the slides. Writes under ``--out``:
 
 * ``predictions.csv``: per slide and head, the probability, the threshold
-  (chosen on the training slides) and the predicted label of every task;
+  (chosen by inner cross-validation on the training slides) and the
+  predicted label of every task;
 * ``attention/<slide_id>.csv``: every cell's path, attention and rank;
 * ``galleries/<slide_id>.png``: the slide's top-K cells by attention;
 * ``report.md``: a short summary table.
@@ -67,10 +68,9 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
   from slamjax import report
   from slamjax import sharding
   from slamjax.data import slides as slides_lib
-  from slamjax.mil import multihead
   from slamjax.mil import standardize
-  from slamjax.mil import train as mil_train
   from slamjax.slides import fold_run
+  from slamjax.slides import model_selection
   from slamjax.slides import report as slides_report
   cfg, info = load_final(workdir)
   final = os.path.join(workdir, "final")
@@ -84,14 +84,10 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
   emb = standardize.apply(fold_run.embed_slides(cfg, model, state, cohort, idx, mesh),
                          stats["mean"], stats["std"])
   tasks = info["task_names"]
-  dummy = np.zeros((len(emb), len(tasks)), np.float32)
+  feats = fold_run.slide_feature_sets(cfg, cohort, {"new": idx}).get("new")
   probs, attention = {}, {}
-  for name in info["heads"]:
-    head_cfg = multihead.head_config(cfg.mil, name)
-    # The head's checkpoint is complete, so fit() restores it without training.
-    st = mil_train.fit(head_cfg, emb, fold_run.labels_for_mil(dummy),
-                       os.path.join(final, f"mil_{name}"), cfg.seed, verbose=False)
-    o = mil_train.predict(head_cfg, st, emb)
+  for name, head_cfg, st, fusion in model_selection.load_fitted(cfg, final, info, emb):
+    o = model_selection.predict_head(head_cfg, st, emb, feats, fusion)
     probs[name], attention[name] = o["prob"], o["attention"]
   slides_report.write_predictions(os.path.join(out, "predictions.csv"),
                                   list(cohort.slide_ids), tasks, probs, info["thresholds"])
@@ -123,7 +119,7 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
   md = ["# slamjax predictions", "",
         f"Model: `{final}` ({info['num_training_slides']} training slides; head `{head}`; "
         "thresholds " + ", ".join(f"{t} {thr:.3f}" for t, thr in zip(tasks, info["thresholds"][head]))
-        + ", chosen on the training slides).", f"Slides: `{slides}`: {cohort.summary()}", "",
+        + ", chosen by inner cross-validation on the training slides).", f"Slides: `{slides}`: {cohort.summary()}", "",
         report.markdown_table(rows, list(rows[0])), "",
         "Per-cell attention: `attention/<slide>.csv`; top cells: `galleries/<slide>.png`.", ""]
   with open(os.path.join(out, "report.md"), "w") as f:

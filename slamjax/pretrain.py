@@ -64,6 +64,7 @@ from slamjax import surgery
 from slamjax.data import augment
 from slamjax.data import batching
 from slamjax.models import layers
+from slamjax.models import pretrained
 from slamjax.models import resnet
 
 TASKS = ("simclr", "similarity")
@@ -146,7 +147,8 @@ def init_state(cfg, model, tx, mesh) -> TrainState:
                       rng=jax.random.PRNGKey(cfg.seed + 1))
 
   rng = jax.random.PRNGKey(cfg.seed)
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+  return pretrained.init_state_from(cfg, state, tx, mesh)  # model.init_from, if set
 
 
 def objective(cfg) -> str:
@@ -173,10 +175,7 @@ def objective(cfg) -> str:
 
 def _views(cfg, rng, pos, neg, two_views: bool = True):
   a = cfg.augment
-  aug = functools.partial(
-      augment.augment_batch, crop_size=a.crop_size, flip=a.flip,
-      jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
-      rot90_prob=a.rot90_prob, mean=a.mean, std=a.std)
+  aug = functools.partial(augment.augment_batch, **augment.policy_kwargs(a))
   k1, k2, k3 = jax.random.split(rng, 3)
   if not two_views:  # one augmented view per cell
     return aug(k1, pos), aug(k3, neg)

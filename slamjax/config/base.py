@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.label_column = ""  # one categorical column instead of 0/1 columns
   c.data.negative_label = ""  # its normal value; every other value is a task
   c.data.cache_dir = ""  # decoded-cell cache; "" = $SLAMJAX_CACHE or ~/.cache/slamjax
+  # Fraction of the square crop kept (centred) before resizing to image_size;
+  # cell crops are usually centred with wide margins (docs/slides.md).
+  c.data.center_crop = 1.0
 
   # Simulated bags (pipeline runner): cells split train/test, then bagged.
   c.bags = ml_collections.ConfigDict()
@@ -77,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.jitter_strength = 0.1  # brightness/contrast/saturation/hue
   c.augment.jitter_prob = 0.8
   c.augment.rot90_prob = 0.8
+  # "reference": the knobs above as given. "cytology": rotations and flips
+  # (cells have no orientation), translation-only crops (cell size is
+  # diagnostic), brightness/contrast jitter at jitter_strength, no hue or
+  # saturation jitter (stain colour is diagnostic). slamjax/data/augment.py.
+  c.augment.policy = "reference"
   c.augment.mean = (0.5, 0.5, 0.5)
   c.augment.std = (0.25, 0.25, 0.25)
 
@@ -91,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   # head for both tasks, as the reference; at equal weights its similarity
   # loss collapses that head (docs/results/slam_variants).
   c.model.projection = "per_task"
+  # Initial encoder weights from a local file: a torchvision ResNet-18
+  # state_dict (.pth/.pt), .safetensors or .npz (slamjax/models/pretrained.py).
+  c.model.init_from = ""
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.surgery = "adaptive_pcgrad"  # any slamjax.surgery.get() name
@@ -158,6 +169,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.mil.aem_weight = 0.0  # AEM lambda for any head; head "aem" uses 0.1 if 0
   c.mil.aem_top_k = 0  # 0 = full entropy; k > 0 = the top-k variant
   c.mil.aem_schedule = "constant"  # or "cosine" decay to 0
+  # Weight the BCE of each task by class so both classes count equally
+  # (real cohorts are often 2:1 or worse).
+  c.mil.class_balance = False
+  # Slide-level inputs that attention pooling cannot see, fused with the
+  # head's output by a regularised logistic regression fitted on inner-CV
+  # predictions (slides runner): "log_count", "pixel_stats".
+  c.mil.slide_features = ()
   c.mil.stability_bags = 8  # training bags whose attention JSD is tracked per epoch
   # Head-specific sections; None means "the variant's / head's default".
   c.mil.pamil = ml_collections.ConfigDict(dict(
@@ -195,7 +213,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.export_attention = True  # features/slides: attention CSV per slide
   # slides runner: cross-validation and the final model.
   c.eval.folds = 5  # patient-grouped stratified folds (a CSV split/fold column wins)
-  c.eval.baselines = ()  # also run the folds with: "simclr", "random_init"
+  # Inner folds on the training slides: out-of-fold predictions choose the
+  # thresholds and the MIL epoch count, never the fitted head's own.
+  c.eval.inner_folds = 5
+  # Also run the folds with these (slamjax/slides/baselines.py): encoders
+  # "simclr", "random_init", "pretrained" (frozen model.init_from weights);
+  # non-deep "pixel_stats", "cell_count"; "mean_pool" (encoder embeddings
+  # mean-pooled into a logistic regression).
+  c.eval.baselines = ()
   c.eval.final_model = True  # train on every labelled slide, for slamjax.predict
   c.eval.unlabeled_in_pretraining = False  # unlabeled slides join the NT-Xent task
 

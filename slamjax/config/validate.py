@@ -117,6 +117,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError on unknown keys, unknown names or out-of-range values."""
   _unknown_keys(cfg, base_lib.get_config(), "")
   _names(cfg)
+  from slamjax.data import augment  # registries import heavier modules: only here
+  from slamjax.slides import baselines
+  from slamjax.slides import slide_features
   inf = float("inf")
   b = cfg.bags
   _range("bags.witness_rate", b.witness_rate, 0, 1, lo_open=True)
@@ -147,5 +150,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _range("eval.folds", cfg.eval.folds, 1, inf, integer=True)
   _range("data.test_fraction", cfg.data.test_fraction, 0, 1, lo_open=True, hi_open=True)
   parse_shard(cfg.study.shard)
+  _range("data.center_crop", cfg.data.center_crop, 0, 1, lo_open=True)
+  _range("eval.inner_folds", cfg.eval.inner_folds, 2, inf, integer=True)
+  _choice("augment.policy", cfg.augment.policy, augment.POLICIES)
+  for name in names(cfg.mil.slide_features):
+    _choice("mil.slide_features", name, slide_features.FEATURES)
+  if cfg.runner == "slides":
+    _range("eval.folds", cfg.eval.folds, 2, inf, integer=True)
+  valid = baselines.NAMES if cfg.runner == "slides" else ("simclr", "random_init")
   for name in names(cfg.eval.baselines):
-    _choice("eval.baselines", name, ("simclr", "random_init"))
+    _choice("eval.baselines", name, valid)
+  if cfg.runner == "slides":
+    baselines.check(cfg, names(cfg.eval.baselines))

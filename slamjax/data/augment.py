@@ -42,12 +42,42 @@ def center_crop(x: jax.Array, crop_size: int) -> jax.Array:
   return x[:, top:top + crop_size, left:left + crop_size]
 
 
-def _color_jitter(key, img, strength):
+POLICIES = ("reference", "cytology")
+
+
+def policy_kwargs(a) -> dict:
+  """:func:`augment_batch` keyword arguments of config section ``augment``.
+
+  "reference": the keys as given. "cytology": a uniformly random rotation by
+  a multiple of 90 degrees and a random flip (cells have no orientation),
+  translation-only crops (no rescaling: cell size is diagnostic), and
+  brightness/contrast jitter only (stain hue and saturation are diagnostic).
+
+  >>> import ml_collections
+  >>> a = ml_collections.ConfigDict(dict(policy="cytology", crop_size=28, flip=False,
+  ...     jitter_strength=0.1, jitter_prob=0.8, rot90_prob=0.0, mean=(.5,)*3, std=(.25,)*3))
+  >>> k = policy_kwargs(a); k["flip"], k["rot90_prob"], k["hue_saturation"]
+  (True, 0.75, False)
+  """
+  kw = dict(crop_size=a.crop_size, flip=a.flip, jitter_strength=a.jitter_strength,
+            jitter_prob=a.jitter_prob, rot90_prob=a.rot90_prob, mean=a.mean, std=a.std,
+            hue_saturation=True)
+  policy = a.get("policy", "reference")
+  if policy == "cytology":
+    kw.update(flip=True, rot90_prob=0.75, hue_saturation=False)
+  elif policy != "reference":
+    raise ValueError(f"config.augment.policy={policy!r}; valid: {list(POLICIES)}")
+  return kw
+
+
+def _color_jitter(key, img, strength, hue_saturation=True):
   kb, kc, ks, kh = jax.random.split(key, 4)
   u = lambda k: jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)
   img = img * u(kb)
   gray = img @ _GRAY
   img = (img - gray.mean()) * u(kc) + gray.mean()
+  if not hue_saturation:
+    return jnp.clip(img, 0.0, 1.0)
   gray = (img @ _GRAY)[..., None]
   img = (img - gray) * u(ks) + gray
   theta = 2 * jnp.pi * jax.random.uniform(kh, (), minval=-strength, maxval=strength)
@@ -59,7 +89,7 @@ def _color_jitter(key, img, strength):
 
 
 def _augment_one(key, img, crop_size, flip, jitter_strength, jitter_prob,
-                 rot90_prob):
+                 rot90_prob, hue_saturation=True):
   """img: float [H, W, 3] in [0, 1]."""
   k_crop, k_flip, k_jp, k_j, k_rp, k_r = jax.random.split(key, 6)
   h, w = img.shape[:2]
@@ -70,7 +100,7 @@ def _augment_one(key, img, crop_size, flip, jitter_strength, jitter_prob,
     img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
   if jitter_strength > 0 and jitter_prob > 0:
     img = jnp.where(jax.random.bernoulli(k_jp, jitter_prob),
-                    _color_jitter(k_j, img, jitter_strength), img)
+                    _color_jitter(k_j, img, jitter_strength, hue_saturation), img)
   if rot90_prob > 0:
     k = jnp.where(jax.random.bernoulli(k_rp, rot90_prob),
                   jax.random.randint(k_r, (), 1, 4), 0)
@@ -83,12 +113,14 @@ def augment_batch(key: jax.Array, images: jax.Array, crop_size: int,
                   flip: bool = True, jitter_strength: float = 0.1,
                   jitter_prob: float = 0.8, rot90_prob: float = 0.8,
                   mean: Sequence[float] = (0.5, 0.5, 0.5),
-                  std: Sequence[float] = (0.25, 0.25, 0.25)) -> jax.Array:
+                  std: Sequence[float] = (0.25, 0.25, 0.25),
+                  hue_saturation: bool = True) -> jax.Array:
   """Random view of every image in a uint8 batch [B, H, W, 3], normalised."""
   x = images.astype(jnp.float32) / 255.0
   keys = jax.random.split(key, x.shape[0])
   x = jax.vmap(lambda k, im: _augment_one(
-      k, im, crop_size, flip, jitter_strength, jitter_prob, rot90_prob))(keys, x)
+      k, im, crop_size, flip, jitter_strength, jitter_prob, rot90_prob,
+      hue_saturation))(keys, x)
   return normalize(x, mean, std)
 
 

@@ -96,8 +96,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img if mode == "RGB" else img.convert("RGB")
 
 
-def decode_cell(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndarray:
-  """Decodes image bytes of any mode to uint8 ``[image_size, image_size, 3]``.
+def decode_cell(data: bytes, image_size: int, name: str = "<bytes>",
+                center_crop: float = 1.0) -> np.ndarray:
+  """Decodes image bytes of any mode to uint8 ``[image_size, image_size, 3]``:
+  the central square, of which the central ``center_crop`` fraction of the
+  side is kept, resized to ``image_size``.
 
   Raises:
     folder.BadFileError: naming ``name`` if the bytes do not decode.
@@ -112,8 +115,9 @@ def decode_cell(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndarr
   """
   try:
     with Image.open(io.BytesIO(data)) as img:
-      if img.format == "JPEG" and min(img.size) >= 2 * image_size:
-        img.draft(None, (image_size, image_size))  # DCT-domain downscale
+      need = int(np.ceil(image_size / center_crop))
+      if img.format == "JPEG" and min(img.size) >= 2 * need:
+        img.draft(None, (need, need))  # DCT-domain downscale
       img.load()  # truncated/corrupt data fails here, not lazily later
       img = _to_rgb(img)
   except Image.UnidentifiedImageError:
@@ -127,14 +131,20 @@ def decode_cell(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndarr
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     img = img.crop((left, top, left + s, top + s))
+  if center_crop < 1.0:
+    s = img.size[0]
+    k = max(1, int(round(s * center_crop)))
+    off = (s - k) // 2
+    img = img.crop((off, off, off + k, off + k))
   if img.size != (image_size, image_size):
     img = img.resize((image_size, image_size), Image.BILINEAR)
   return np.asarray(img, np.uint8)
 
 
-def cache_key(paths: Sequence[str], image_size: int) -> str:
-  """Hash of (paths, their sizes and mtimes, image_size, decoder version)."""
-  h = hashlib.sha256(f"v{DECODER_VERSION}|{image_size}|{len(paths)}\n".encode())
+def cache_key(paths: Sequence[str], image_size: int, center_crop: float = 1.0) -> str:
+  """Hash of (paths, their sizes and mtimes, image_size, center_crop, decoder version)."""
+  crop = "" if center_crop == 1.0 else f"|crop{center_crop!r}"
+  h = hashlib.sha256(f"v{DECODER_VERSION}|{image_size}{crop}|{len(paths)}\n".encode())
   for p in paths:
     try:
       st = os.stat(p)
@@ -178,27 +188,30 @@ def _open_cached(npy: str, meta_path: str, shape: tuple) -> CachedImages | None:
 
 
 def _decode_file(args):
-  path, image_size = args
+  path, image_size, center_crop = args
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
     return None, f"cannot read file ({e.strerror or e})"
   try:
-    return decode_cell(data, image_size, path), None
+    return decode_cell(data, image_size, path, center_crop), None
   except folder.BadFileError as e:
     return None, e.reason
 
 
 def load_images(paths: Sequence[str], image_size: int, *, cache_dir: str = "",
                 num_workers: int = 0, chunk_size: int = 2048,
-                log: Callable[[str], None] | None = print) -> CachedImages:
+                log: Callable[[str], None] | None = print,
+                center_crop: float = 1.0) -> CachedImages:
   """Returns the decoded images of ``paths`` from the cache, decoding on a miss.
 
   Args:
     paths: absolute file paths; row order of the result. Callers that want
       the cache shared across orderings pass them sorted.
     image_size: side of the square cells.
+    center_crop: fraction of the square crop's side kept (centred) before
+      resizing.
     cache_dir: cache folder ('' = ``default_cache_dir()``).
     num_workers: decode threads (0 = CPU count).
     chunk_size: files decoded per chunk (bounds RAM during decoding).
@@ -213,7 +226,7 @@ def load_images(paths: Sequence[str], image_size: int, *, cache_dir: str = "",
     return CachedImages(np.zeros((0, image_size, image_size, 3), np.uint8),
                         {}, False, "", 0, 0.0)
   cache_dir = default_cache_dir(cache_dir)
-  key = cache_key(paths, image_size)
+  key = cache_key(paths, image_size, center_crop)
   name = f"cells-{image_size}px-{len(paths)}-{key}"
   npy = os.path.join(cache_dir, name + ".npy")
   meta_path = os.path.join(cache_dir, name + ".json")
@@ -251,7 +264,7 @@ def load_images(paths: Sequence[str], image_size: int, *, cache_dir: str = "",
           f, {"descr": "|u1", "fortran_order": False, "shape": shape})
       for start in range(0, len(paths), chunk_size):
         chunk = paths[start:start + chunk_size]
-        results = ex.map(_decode_file, [(p, image_size) for p in chunk],
+        results = ex.map(_decode_file, [(p, image_size, center_crop) for p in chunk],
                          chunksize=max(1, len(chunk) // (workers * 4)))
         out = np.empty((len(chunk), image_size, image_size, 3), np.uint8)
         for j, (img, err) in enumerate(results):

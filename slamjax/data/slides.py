@@ -637,7 +637,8 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
   try:
     cached = image_cache.load_images(
         all_paths, image_size, cache_dir=cfg.cache_dir or "",
-        num_workers=int(cfg.num_workers or 0))
+        num_workers=int(cfg.num_workers or 0),
+        center_crop=float(cfg.get("center_crop", 1.0) or 1.0))
   except image_cache.CacheError as e:
     raise CohortError(str(e)) from None
   cell_paths = tuple(_display(root, p) for p in all_paths)

@@ -361,6 +361,8 @@ def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> Mil
   ``cfg.checkpoint_every_epochs`` under ``workdir/mil_ckpt``.
 
   ``labels`` is [n] (one task) or [n, T] (multi-task; NaN = unknown). MECDS
+  With ``cfg.class_balance`` every epoch resamples the bags so that each
+  class counts equally (as the MECDS teacher does). MECDS
   first trains a teacher with class-balanced resampling
   (``workdir/mil_ckpt_teacher``), then the student with natural sampling and
   the AKD loss toward the frozen teacher.
@@ -371,7 +373,7 @@ def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> Mil
   num_tasks = labels2.shape[1]
   if spec.phases == ("train",):
     return _run_phase(cfg, spec, "train", bags, labels2, workdir, "mil_ckpt", seed, verbose,
-                      num_tasks=num_tasks)
+                      num_tasks=num_tasks, balanced=bool(cfg.class_balance))
   m = cfg.mecds
   teacher = _run_phase(cfg, spec, "teacher", bags, labels2, workdir, "mil_ckpt_teacher",
                        seed, verbose, num_tasks=num_tasks, balanced=True,

@@ -2,12 +2,14 @@
 
 Used for every cross-validation fold, for the baselines and for the final
 model. Nothing from a held-out slide reaches pretraining, the standardisation
-statistics or the thresholds: all three come from the training slides only.
+statistics or the thresholds: all three come from the training slides only,
+and thresholds from inner cross-validation on them.
 
 Files under ``workdir``: ``pretrain_ckpt/`` and ``pretrain_metrics.jsonl``
 (the encoder), ``standardize.npz`` (embedding mean/std of the training
-cells), ``mil_<head>/`` (each head's checkpoints) and ``model.json`` (task
-names, heads, thresholds), which :mod:`slamjax.predict` reads back.
+cells), ``mil_<head>/`` (each head's checkpoints), ``inner/`` (the inner-CV runs
+that chose epochs and thresholds) and ``model.json`` (task names, heads,
+epochs, thresholds, fusion weights), which :mod:`slamjax.predict` reads back.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from slamjax import pretrain as pretrain_lib
 from slamjax.checkpoint import Checkpointer
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
-from slamjax.mil import multihead
+from slamjax.config.validate import names as config_names
 from slamjax.mil import standardize
+from slamjax.slides import baselines
 from slamjax.slides import folds as folds_lib
+from slamjax.slides import model_selection
+from slamjax.slides import slide_features
 
 
 def cell_pool(cohort) -> pool_lib.CellPool:
@@ -71,22 +76,6 @@ def embed_slides(cfg, model, state, cohort, idx, mesh) -> list[np.ndarray]:
                             [cohort.cells[i] for i in idx], mesh)
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-  """The probability cut that maximises Youden's J (sensitivity + specificity
-  - 1) on these slides; 0.5 when they hold a single class.
-
-  >>> choose_threshold(np.array([0, 0, 1, 1]), np.array([.1, .3, .35, .9]))
-  0.35
-  """
-  from sklearn.metrics import roc_curve
-  labels = np.asarray(labels)
-  if len(np.unique(labels)) < 2:
-    return 0.5
-  fpr, tpr, thr = roc_curve(labels, probs)
-  best = int(np.argmax(tpr - fpr))
-  return float(min(thr[best], 1.0))
-
-
 def labels_for_mil(labels: np.ndarray) -> np.ndarray:
   """[n] for one task (as the heads' single-task path), [n, T] otherwise."""
   return labels[:, 0] if labels.shape[1] == 1 else labels
@@ -97,9 +86,12 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
   """Trains (or resumes) the encoder and every MIL head on ``train_idx``
   and predicts every slide set of ``predict`` (name -> slide indices).
 
-  Returns ``{"outputs": {head: {name: out}}, "thresholds": {head: [T]},
-  "train_outputs": {head: out}, "timing_s": {...}}``; ``out`` as
-  :func:`slamjax.mil.train.predict` returns it.
+  Epoch counts, fusion with ``mil.slide_features`` and thresholds come from
+  inner cross-validation on the training slides
+  (:mod:`slamjax.slides.model_selection`). Returns ``{"outputs": {head:
+  {name: out}}, "thresholds": {head: [T]}, "train_outputs": {head:
+  {"oof_prob"}}, "selection": {head: {"epochs", "inner_bce"}}, "timing_s"}``;
+  ``out`` as :func:`slamjax.mil.train.predict` returns it.
   """
   os.makedirs(workdir, exist_ok=True)
   timing = {}
@@ -120,6 +112,10 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
   mu, sd = standardize.fit(emb["train"])
   np.savez(os.path.join(workdir, "standardize.npz"), mean=mu, std=sd)
   emb = {k: standardize.apply(v, mu, sd) for k, v in emb.items()}
+  # What the mean_pool baseline reads: the mean embedding of every slide.
+  slides_all = np.concatenate([sets[k] for k in names])
+  np.savez(os.path.join(workdir, baselines.MEAN_EMBEDDINGS), slides=slides_all,
+           mean=np.stack([e.mean(0) for k in names for e in emb[k]]))
   timing["embed"] = time.perf_counter() - t0
   if verbose:
     print(f"embed: {sum(len(e) for v in emb.values() for e in v)} cells of "
@@ -127,18 +123,35 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
 
   t0 = time.perf_counter()
   y = cohort.labels[sets["train"]]
-  runs = multihead.fit_predict(cfg.mil, emb["train"], labels_for_mil(y),
-                               {k: emb[k] for k in names}, workdir, cfg.seed, verbose)
+  feats = slide_feature_sets(cfg, cohort, sets)
+  fits = model_selection.fit_heads(
+      cfg, emb["train"], y, [cohort.patient_ids[i] for i in sets["train"]], workdir,
+      feats.get("train"), verbose=verbose)
   timing["mil"] = time.perf_counter() - t0
-  out = {"outputs": {}, "thresholds": {}, "train_outputs": {}, "timing_s": timing}
-  for r in runs:
-    train_prob = r.outputs["train"]["prob"]
-    out["thresholds"][r.name] = [choose_threshold(y[:, t], train_prob[:, t])
-                                 for t in range(y.shape[1])]
-    out["train_outputs"][r.name] = r.outputs["train"]
-    out["outputs"][r.name] = {k: r.outputs[k] for k in predict}
-  with open(os.path.join(workdir, "model.json"), "w") as f:
-    json.dump({"task_names": list(cohort.task_names), "heads": list(out["thresholds"]),
+  out = {"outputs": {}, "thresholds": {}, "train_outputs": {}, "timing_s": timing,
+         "selection": {}}
+  for f in fits:
+    out["thresholds"][f.name] = f.thresholds
+    out["train_outputs"][f.name] = {"oof_prob": f.final_oof}
+    out["selection"][f.name] = {"epochs": f.epochs, "inner_bce": f.inner_bce}
+    out["outputs"][f.name] = {
+        k: model_selection.predict_head(f.cfg, f.state, emb[k], feats.get(k), f.fusion)
+        for k in predict}
+  with open(os.path.join(workdir, "model.json"), "w") as fh:
+    json.dump({"task_names": list(cohort.task_names), "heads": [f.name for f in fits],
                "thresholds": out["thresholds"],
-               "num_training_slides": int(len(sets["train"]))}, f, indent=2)
+               "epochs": {f.name: f.epochs for f in fits},
+               "slide_features": list(config_names(cfg.mil.slide_features)),
+               "fusion": {f.name: [lr.to_json() for lr in f.fusion] for f in fits
+                          if f.fusion},
+               "num_training_slides": int(len(sets["train"]))}, fh, indent=2)
   return out
+
+
+def slide_feature_sets(cfg, cohort, sets: dict) -> dict:
+  """Per slide set, the ``mil.slide_features`` matrix (empty without them)."""
+  names = config_names(cfg.mil.slide_features)
+  if not names:
+    return {}
+  return {k: slide_features.slide_matrix(cohort.images, [cohort.cells[i] for i in v], names)
+          for k, v in sets.items()}

@@ -25,18 +25,74 @@ from slamjax import collapse  # noqa: E402
 from slamjax import evaluate  # noqa: E402
 from slamjax import report  # noqa: E402
 
-METRICS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
+METRICS = ("auc", "balanced_accuracy", "brier", "f1", "sensitivity", "specificity")
 
 
 def task_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, task_names) -> dict:
-  """Per task: AUC, balanced accuracy, F1, sensitivity, specificity at the
-  threshold chosen on the training slides."""
+  """Per task: AUC, balanced accuracy, Brier score, F1, sensitivity,
+  specificity at the threshold chosen on the training slides, and whether
+  that threshold calls every slide one class."""
   out = {}
   for t, name in enumerate(task_names):
     m = evaluate.bag_metrics(labels[:, t], probs[:, t], thresholds[t])
     m["balanced_accuracy"] = float(np.nanmean([m["sensitivity"], m["specificity"]]))
+    y, p = labels[:, t], probs[:, t]
+    m["brier"] = float(np.mean((p - y) ** 2)) if len(y) else float("nan")
     m["threshold"] = float(thresholds[t])
+    # All held-out slides on one side of the threshold: the slides' class
+    # balance says nothing then, whatever the AUC.
+    m["balanced_accuracy_best"] = _best_balanced_accuracy(y, p)
+    m["degenerate_threshold"] = bool(len(p)) and bool(
+        thresholds[t] > p.max() or thresholds[t] <= p.min())
     out[name] = m
+  return out
+
+
+def _best_balanced_accuracy(y, p) -> float:
+  """Balanced accuracy at the best threshold in hindsight (what the AUC allows)."""
+  from sklearn.metrics import roc_curve
+  if len(np.unique(y)) < 2:
+    return float("nan")
+  fpr, tpr, _ = roc_curve(y, p)
+  return float(np.max((tpr + 1 - fpr) / 2))
+
+
+def baseline_lines(records: dict, task_names) -> list[str]:
+  """One line per baseline: did SLAM-AGS (its first head) beat it on mean AUC,
+  with the per-fold paired differences."""
+  main = records["slam_ags"]
+  head = next(iter(main[0]["heads"]))
+  lines = []
+  for method, recs in records.items():
+    if method == "slam_ags":
+      continue
+    other = next(iter(recs[0]["heads"]))
+    for task in task_names:
+      a = np.array([r["heads"][head]["metrics"][task]["auc"] for r in main])
+      b = np.array([r["heads"][other]["metrics"][task]["auc"] for r in recs])
+      d = a - b
+      verdict = "beat" if np.nanmean(d) > 0 else "did not beat"
+      t = f" ({task})" if len(task_names) > 1 else ""
+      lines.append(
+          f"- SLAM-AGS {verdict} `{method}`{t}: mean AUC {np.nanmean(a):.3f} vs "
+          f"{np.nanmean(b):.3f}, paired difference {np.nanmean(d):+.3f} (per fold "
+          + ", ".join(f"{x:+.3f}" for x in d) + f"; ahead in {int((d > 0).sum())} of {len(d)})")
+  return lines
+
+
+def degenerate_lines(records: dict, task_names) -> list[str]:
+  """Fold runs whose threshold called every held-out slide one class."""
+  out = []
+  for method, recs in records.items():
+    for r in recs:
+      for head, h in r["heads"].items():
+        for task in task_names:
+          m = h["metrics"][task]
+          if m.get("degenerate_threshold"):
+            out.append(f"- {method} {r['fold']} {head}"
+                       + (f" ({task})" if len(task_names) > 1 else "")
+                       + f": threshold {m['threshold']:.3f} calls every held-out slide "
+                       + ("negative" if m["sensitivity"] == 0 else "positive"))
   return out
 
 
@@ -82,7 +138,10 @@ def summary_rows(records: dict, task_names) -> list[dict]:
         row = {"encoder": method, "head": head}
         if len(task_names) > 1:
           row["task"] = task
-        row.update({m: _mean_std([p[m] for p in per_fold]) for m in METRICS})
+        row.update({m: _mean_std([p.get(m, float("nan")) for p in per_fold])
+                    for m in METRICS})
+        row["BA at best threshold"] = _mean_std(
+            [p.get("balanced_accuracy_best", float("nan")) for p in per_fold])
         row["collapsed folds"] = f"{sum(_collapse(r) == 'yes' for r in recs)}/{len(recs)}"
         rows.append(row)
   return rows
@@ -105,7 +164,7 @@ def fold_rows(records: dict, task_names) -> list[dict]:
           row = {"encoder": method, "fold": r["fold"], "head": head}
           if len(task_names) > 1:
             row["task"] = task
-          row.update({k: m[k] for k in METRICS})
+          row.update({k: m.get(k, float("nan")) for k in METRICS})
           row["threshold"] = m["threshold"]
           row["collapsed"] = _collapse(r)
           rows.append(row)
@@ -204,10 +263,20 @@ def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dic
                  cfg.eval.num_plot_bags, top=min(8, cfg.eval.top_k))
   md = ["# slamjax results: your own slides", "",
         cohort.summary(), "",
-        f"{len(folds)} fold(s), grouped by patient; thresholds chosen on each fold's "
-        "training slides (Youden's J); metrics on its held-out slides, mean ± std over "
-        "folds.", "",
+        f"{len(folds)} fold(s), grouped by patient; MIL epochs and thresholds (Youden's "
+        f"J) chosen by {cfg.eval.inner_folds}-fold inner cross-validation on each fold's "
+        "training slides; metrics on its held-out slides, mean ± std over folds. "
+        "'BA at best threshold' is the balanced accuracy the held-out ranking allows "
+        "in hindsight; Brier is the mean squared error of the probabilities.", "",
         "## Cross-validation", "", report.markdown_table(summary, list(summary[0])), ""]
+  lines = baseline_lines(records, names)
+  if lines:
+    md += ["## Against the baselines (same folds)", "", *lines, ""]
+  degen = degenerate_lines(records, names)
+  if degen:
+    md += [f"**Warning: {len(degen)} threshold(s) called every held-out slide of a fold "
+           "one class** (sensitivity or specificity 0):", "", *degen, ""]
+    print("slides: WARNING: degenerate thresholds:\n" + "\n".join(degen), flush=True)
   collapsed = [r for recs in records.values() for r in recs if _collapse(r) == "yes"]
   if collapsed:
     md += [f"**Warning: pretraining collapsed the projection in {len(collapsed)} fold "

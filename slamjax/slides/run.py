@@ -6,11 +6,13 @@ the final model that :mod:`slamjax.predict` uses on new patients.
 
 For every fold (patient-grouped, stratified; :mod:`slamjax.slides.folds`):
 pretrain on the fold's training slides, embed, train the MIL heads, choose
-thresholds on the training slides and score the held-out slides. A finished
+epochs and thresholds by inner cross-validation on the training slides and
+score the held-out slides. A finished
 fold is recorded atomically in ``folds/<fold>/record.json``; a killed run
 resumes at the fold (and, inside it, at the checkpoint) where it stopped.
-``eval.baselines`` repeats the folds with SimCLR-only and random-init
-encoders; ``eval.final_model`` then trains on every labelled slide
+``eval.baselines`` repeats the folds with other encoders and runs
+slide-feature baselines on them (:mod:`slamjax.slides.baselines`);
+``eval.final_model`` then trains on every labelled slide
 (``final/``). Results: ``results.md``, ``metrics.json``,
 ``oof_predictions.csv``, ``roc.png`` and attention galleries
 (``galleries/``), see :mod:`slamjax.slides.report`.
@@ -18,7 +20,6 @@ encoders; ``eval.final_model`` then trains on every labelled slide
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -29,25 +30,11 @@ from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import sharding
 from slamjax.data import slides as slides_lib
+from slamjax.slides import baselines
 from slamjax.slides import fold_run
 from slamjax.slides import folds as folds_lib
 from slamjax.slides import report
-
-# Baseline encoders: config overrides on the run's own config.
-BASELINES = {
-    "simclr": {"pretrain": {"task_weights": (1.0, 0.0), "surgery": "sum"}},
-    "random_init": {"pretrain": {"epochs": 0}},
-}
-
-
-def method_config(cfg, method: str):
-  """The run's config for ``method`` ("slam_ags" = the config as given)."""
-  c = copy.deepcopy(cfg)
-  for section, values in BASELINES.get(method, {}).items():
-    for key, value in values.items():
-      c[section][key] = value
-  return c
-
+from slamjax.slides import slide_features
 
 def _write_json_atomic(path: str, obj) -> None:
   tmp = path + ".tmp"
@@ -67,9 +54,14 @@ def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
     rec["heads"][head] = {
         "thresholds": thr,
         "prob": out["prob"].tolist(),
-        "attention": [a.tolist() for a in out["attention"]],
+        "attention": [a.tolist() for a in out.get("attention", [])],
         "metrics": report.task_metrics(cohort.labels[test], out["prob"], thr,
                                        cohort.task_names)}
+    if head in result.get("train_outputs", {}):
+      oof = result["train_outputs"][head]["oof_prob"]
+      rec["heads"][head]["train_oof_prob"] = np.asarray(oof).tolist()
+    if head in result.get("selection", {}):
+      rec["heads"][head]["selection"] = result["selection"][head]
     if "unlabeled" in outs:
       rec["heads"][head]["unlabeled_prob"] = outs["unlabeled"]["prob"].tolist()
   if "collapse" in result:
@@ -79,7 +71,7 @@ def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
 
 def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict]:
   """Every fold of one encoder method; finished folds are read back, not rerun."""
-  c = method_config(cfg, method)
+  c = baselines.method_config(cfg, method)
   unlabeled = np.flatnonzero(~cohort.labelled())
   records = []
   for i, fold in enumerate(folds):
@@ -104,6 +96,29 @@ def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict
   return records
 
 
+def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats) -> list[dict]:
+  """Every fold of a slide-feature baseline (a logistic regression; seconds)."""
+  records = []
+  for fold in folds:
+    path = os.path.join(workdir, method, fold["name"], "record.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        records.append(json.load(f))
+      continue
+    x = baselines.features(cohort, method, os.path.join(workdir, "slam_ags", fold["name"]),
+                           stats)
+    out = baselines.run_fold(cohort, fold, method, x, cfg.seed, cfg.eval.inner_folds)
+    result = {"outputs": {"logreg": {"test": {"prob": out["prob"]}}},
+              "thresholds": {"logreg": out["thresholds"]}, "timing_s": out["timing_s"]}
+    rec = fold_record(cohort, fold, result, method)
+    if distributed.is_main_process():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _write_json_atomic(path, rec)
+    records.append(rec)
+  print(f"slides: {method}: {len(folds)} fold(s) done", flush=True)
+  return records
+
+
 def run_slides(cfg, workdir: str) -> dict:
   """Runs or resumes cross-validation (+ baselines, + final model)."""
   config_lib.validate(cfg)
@@ -123,10 +138,19 @@ def run_slides(cfg, workdir: str) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data)
 
   records = {}
-  for method in ("slam_ags", *config_lib.names(cfg.eval.baselines)):
+  requested = config_lib.names(cfg.eval.baselines)
+  for method in ("slam_ags", *[b for b in requested if b in baselines.ENCODERS]):
     t0 = time.perf_counter()
     records[method] = run_method(cfg, cohort, folds, method,
                                  os.path.join(workdir, "folds"), mesh)
+    timing[f"cv_{method}"] = time.perf_counter() - t0
+  stats = None
+  for method in [b for b in requested if b in baselines.SLIDE_FEATURES]:
+    t0 = time.perf_counter()
+    if method == "pixel_stats" and stats is None:
+      stats = slide_features.cell_stats(cohort.images)
+    records[method] = run_slide_baseline(cfg, cohort, folds, method,
+                                         os.path.join(workdir, "folds"), stats)
     timing[f"cv_{method}"] = time.perf_counter() - t0
 
   if cfg.eval.final_model:
