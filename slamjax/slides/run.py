@@ -30,6 +30,7 @@ from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import sharding
 from slamjax.data import slides as slides_lib
+from slamjax.models import pretrained
 from slamjax.slides import baselines
 from slamjax.slides import fold_run
 from slamjax.slides import folds as folds_lib
@@ -122,6 +123,7 @@ def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats) -> 
 def run_slides(cfg, workdir: str) -> dict:
   """Runs or resumes cross-validation (+ baselines, + final model)."""
   config_lib.validate(cfg)
+  pretrained.check(cfg)  # a bad model.init_from fails before any data is decoded
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main_process():
