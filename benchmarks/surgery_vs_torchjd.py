@@ -39,6 +39,7 @@ Options: ``--tasks 2,5,10 --methods sum,mgda --repeats 15``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -147,7 +148,6 @@ def main():
   parser.add_argument("--repeats", type=int, default=15)
   args = parser.parse_args()
   import torch
-  import torchjd
 
   tasks = [int(x) for x in args.tasks.split(",")]
   methods = args.methods.split(",")
@@ -155,7 +155,7 @@ def main():
   print(f"# {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; jax {jax.__version__}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), torchjd "
-        f"{getattr(torchjd, '__version__', '?')}; P = {p:,} parameters "
+        f"{importlib.metadata.version('torchjd')}; P = {p:,} parameters "
         f"({len(resnet18_shapes())} leaves), float32, median of "
         f"{args.repeats} alternating calls")
   print("| T | method | slamjax ms | torchjd ms | ratio |")

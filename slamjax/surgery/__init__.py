@@ -3,8 +3,11 @@
 Every transform takes updates whose leaves carry a leading task axis,
 ``(T, *param.shape)`` (per-task gradients, e.g. ``jax.jacrev`` of a loss
 vector), and returns one combined update with the parameter shapes. Put it
-**first** in ``optax.chain``; do not wrap it in ``optax.MultiSteps`` /
-``apply_every`` (accumulate per-task gradients before the surgery instead).
+**first** in ``optax.chain``. ``optax.MultiSteps`` goes inside the chain,
+after it (``optax.chain(surgery.X(...), optax.MultiSteps(opt,
+k).gradient_transformation())``: surgery per micro-batch, their combined
+updates averaged), never around it; for surgery on accumulated gradients,
+sum the per-task gradients before the update.
 
 >>> import jax, jax.numpy as jnp, optax
 >>> from slamjax import surgery
@@ -42,17 +45,10 @@ This package imports only jax, numpy and optax.
 """
 
 from slamjax.surgery._aligned_mtl import aligned_mtl
-from slamjax.surgery._base import (
-    SurgeryState,
-    WeightingContext,
-    apply_if_finite,
-    diagnostics,
-    gram_matrix,
-    gram_weighted,
-    reduce_tasks,
-)
 from slamjax.surgery._cagrad import cagrad
+from slamjax.surgery._diagnostics import diagnostics
 from slamjax.surgery._gradvac import gradvac
+from slamjax.surgery._gram import gram_matrix
 from slamjax.surgery._imtl import imtl_g
 from slamjax.surgery._mgda import mgda
 from slamjax.surgery._nash_mtl import nash_mtl
@@ -61,6 +57,8 @@ from slamjax.surgery._pcgrad import adaptive_pcgrad, pcgrad, task_orders
 from slamjax.surgery._registry import get, names
 from slamjax.surgery._simple import mean_tasks, sum_tasks
 from slamjax.surgery._upgrad import upgrad
+from slamjax.surgery._weighted import SurgeryState, WeightingContext, gram_weighted
+from slamjax.surgery._wrappers import apply_if_finite, reduce_tasks
 
 __all__ = [
     "SurgeryState",

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slamjax.surgery._base import gram_weighted
+from slamjax.surgery._weighted import gram_weighted
 from slamjax.surgery._qp import active_set_qp
 
 def mgda_weights(cos: jax.Array, norms: jax.Array, reg_eps: float = 0.0,

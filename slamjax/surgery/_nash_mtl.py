@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slamjax.surgery._base import gram_weighted
+from slamjax.surgery._weighted import gram_weighted
 from slamjax.surgery._qp import small_solve
 
 
@@ -88,7 +88,8 @@ def nash_mtl(*, update_weights_every: int = 1, num_iters: int = 20,
 
   Args:
     update_weights_every: recompute ``alpha`` every this many updates and
-      reuse it in between (official default 1).
+      reuse it in between (official default 1). Updates with a non-finite
+      input are skipped and do not count.
     num_iters: Newton iterations per solve.
     reg_eps: ridge added to ``G_n``.
     normalization: ``'official'`` or ``'frobenius'``, see above.

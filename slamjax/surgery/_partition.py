@@ -7,7 +7,7 @@ from typing import Any, Callable, Collection, Union
 import jax
 import optax
 
-from slamjax.surgery._base import reduce_tasks
+from slamjax.surgery._wrappers import reduce_tasks
 
 _SURGERY, _REDUCE = "surgery", "reduce"
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import optax
 
-from slamjax.surgery._base import gram_weighted
+from slamjax.surgery._weighted import gram_weighted
 
 
 def sum_tasks(*, num_tasks: Optional[int] = None, diagnostics: bool = False

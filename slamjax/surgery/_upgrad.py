@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slamjax.surgery._base import gram_weighted
+from slamjax.surgery._weighted import gram_weighted
 from slamjax.surgery._qp import active_set_qp
 
 

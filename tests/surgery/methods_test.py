@@ -22,7 +22,6 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import scipy.optimize
 
@@ -555,7 +554,7 @@ def test_imtl_g_angle_sweep_towards_180_degrees(t):
 
 # ----------------------------------------------------------------------------
 # Robustness (issue 19): non-finite inputs, extreme float32 scales, wide norm
-# spreads and common rescaling in float64, apply_if_finite in both orders.
+# spreads and common rescaling in float64 (apply_if_finite: wrappers_test).
 # ----------------------------------------------------------------------------
 
 MIXING = [n for n in ALL if n not in ("sum", "mean")]
@@ -597,40 +596,6 @@ def test_float32_gradients_near_overflow_and_underflow(name):
     assert np.all(np.isfinite(got)), (name, scale)
     np.testing.assert_allclose(got, ref, rtol=1e-4,
                                atol=1e-4 * np.max(np.abs(ref)))
-
-
-@pytest.mark.parametrize("name", sorted(ALL))
-def test_apply_if_finite_composes_in_both_orders(name):
-  """surgery.apply_if_finite(chain(surgery, sgd)) and chain(surgery,
-  optax.apply_if_finite(sgd)), under jit. (optax.apply_if_finite itself
-  cannot wrap a surgery chain: its rejected branch keeps the task axis.)"""
-  params = {"w": jnp.zeros(4)}
-  good = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)),
-                           jnp.float32)}
-  bad = {"w": good["w"].at[1, 2].set(jnp.nan)}
-  kwargs = dict(ALL[name], num_tasks=3)
-  if name in _RANDOM:
-    kwargs["key"] = 0
-  orders = {
-      "outside": surgery.apply_if_finite(
-          optax.chain(surgery.get(name, **kwargs), optax.sgd(1.0)), 2),
-      "inside": optax.chain(surgery.get(name, **kwargs),
-                            optax.apply_if_finite(optax.sgd(1.0), 2)),
-  }
-  for order, tx in orders.items():
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    out, state = update(good, state, params)
-    assert np.all(np.isfinite(out["w"])) and np.any(out["w"] != 0)
-    for step in range(3):  # rejected twice, then given up on (as optax)
-      out, state = update(bad, state, params)
-      if step < 2:
-        np.testing.assert_array_equal(out["w"], 0.0, err_msg=(name, order))
-      else:  # the policy's NaN (only the bad coordinate for sum/mean)
-        check = np.all if name in MIXING else np.any
-        assert check(np.isnan(out["w"])), (name, order)
-    out, state = update(good, state, params)  # recovers: state not poisoned
-    assert np.all(np.isfinite(out["w"])), (name, order)
 
 
 # --- float64 (x64) ----------------------------------------------------------

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import os
 import pathlib
+import pkgutil
 import subprocess
 import sys
 
@@ -14,13 +15,9 @@ import pytest
 
 from slamjax import surgery
 
-_MODULES = ["slamjax.surgery", "slamjax.surgery._base",
-            "slamjax.surgery._simple", "slamjax.surgery._pcgrad",
-            "slamjax.surgery._gradvac", "slamjax.surgery._cagrad",
-            "slamjax.surgery._mgda", "slamjax.surgery._imtl",
-            "slamjax.surgery._aligned_mtl", "slamjax.surgery._upgrad",
-            "slamjax.surgery._nash_mtl", "slamjax.surgery._partition",
-            "slamjax.surgery._registry", "slamjax.surgery._qp"]
+# Every module of the package (so a new one cannot miss its doctests).
+_MODULES = ["slamjax.surgery"] + sorted(
+    f"slamjax.surgery.{m.name}" for m in pkgutil.iter_modules(surgery.__path__))
 
 
 def test_import_pulls_in_only_jax_numpy_optax():
