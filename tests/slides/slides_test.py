@@ -70,11 +70,6 @@ def test_only_training_slides_reach_pretraining():
   assert bags.all_cells(1).tolist() == [3, 4, 5, 12, 13, 14]
 
 
-def test_threshold_is_chosen_on_training_slides():
-  assert fold_run.choose_threshold(np.array([0, 0, 1, 1]), np.array([.1, .3, .35, .9])) == 0.35
-  assert fold_run.choose_threshold(np.array([1, 1]), np.array([.2, .9])) == 0.5
-
-
 def _run(*args, timeout=1200):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
@@ -106,7 +101,8 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
   wd, out = str(tmp_path / "run"), str(tmp_path / "pred")
   train = ("slamjax.main", "--config", "configs/slides.py:quick",
            f"--config.data.root={cohort}", f"--config.data.cache_dir={tmp_path / 'cache'}",
-           "--workdir", wd)
+           "--config.mil.slide_features=log_count,pixel_stats",
+           "--config.eval.baselines=pixel_stats,cell_count,mean_pool", "--workdir", wd)
 
   # Predicting before a final model exists fails and says how to get one.
   r = _run("slamjax.predict", "--workdir", wd, "--slides", new, "--out", out)
@@ -117,8 +113,14 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
   assert "## Cross-validation" in r.stdout and "decoded" in r.stdout
   metrics = json.loads(pathlib.Path(os.path.join(wd, "metrics.json")).read_text())
   assert metrics["folds"] == ["fold0", "fold1"] and metrics["tasks"] == ["label"]
-  assert {"auc", "balanced_accuracy", "f1", "sensitivity", "specificity"} <= set(
+  assert {"auc", "balanced_accuracy", "brier", "f1", "sensitivity", "specificity"} <= set(
       metrics["summary"][0])
+  assert [r["encoder"] for r in metrics["summary"]] == [
+      "slam_ags", "pixel_stats", "cell_count", "mean_pool"]
+  assert "## Against the baselines (same folds)" in r.stdout
+  model_json = json.loads(pathlib.Path(os.path.join(wd, "final", "model.json")).read_text())
+  assert model_json["slide_features"] == ["log_count", "pixel_stats"]
+  assert len(model_json["fusion"]["abmil"][0]["coef"]) == 1 + 1 + 84  # logit, count, stats
   labelled = [r for r in _rows(os.path.join(cohort, "slides.csv")) if r["label"] != ""]
   oof = _rows(os.path.join(wd, "oof_predictions.csv"))
   assert sorted(r["slide_id"] for r in oof) == sorted(r["slide_id"] for r in labelled)
