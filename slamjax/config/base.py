@@ -24,6 +24,10 @@ placeholder = config_dict.placeholder
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # A workdir that holds results of another run (config or data differ):
+  # "auto" stops and names the differences; "overwrite" deletes its results
+  # and starts afresh. The same run resumes either way (slamjax/workdir.py).
+  c.resume = "auto"
   # What main runs (slamjax.runners.RUNNERS): pipeline | features | study | slides
   c.runner = "pipeline"
 
@@ -85,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
   # diagnostic), brightness/contrast jitter at jitter_strength, no hue or
   # saturation jitter (stain colour is diagnostic). slamjax/data/augment.py.
   c.augment.policy = "reference"
+  # Per-view per-channel gain in [1 - s, 1 + s] (stain differs between
+  # slides) and Gaussian blur of sigma in [0, blur_sigma] px (focus differs).
+  c.augment.stain_jitter = 0.0
+  c.augment.blur_sigma = 0.0
   c.augment.mean = (0.5, 0.5, 0.5)
   c.augment.std = (0.25, 0.25, 0.25)
 

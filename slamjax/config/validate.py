@@ -92,6 +92,7 @@ def _names(cfg) -> None:
   _choice("model.projection", cfg.model.projection, ("shared", "per_task"))
   _choice("pretrain.similarity", cfg.pretrain.similarity, ("attract", "repel"))
   _choice("data.unlisted", cfg.data.unlisted, ("error", "ignore"))
+  _choice("resume", cfg.resume, ("auto", "overwrite"))
   multihead.head_names(cfg.mil)
 
 

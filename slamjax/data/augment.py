@@ -61,7 +61,8 @@ def policy_kwargs(a) -> dict:
   """
   kw = dict(crop_size=a.crop_size, flip=a.flip, jitter_strength=a.jitter_strength,
             jitter_prob=a.jitter_prob, rot90_prob=a.rot90_prob, mean=a.mean, std=a.std,
-            hue_saturation=True)
+            hue_saturation=True, stain_jitter=a.get("stain_jitter", 0.0),
+            blur_sigma=a.get("blur_sigma", 0.0))
   policy = a.get("policy", "reference")
   if policy == "cytology":
     kw.update(flip=True, rot90_prob=0.75, hue_saturation=False)
@@ -88,10 +89,25 @@ def _color_jitter(key, img, strength, hue_saturation=True):
   return jnp.clip(yiq @ _YIQ2RGB.T, 0.0, 1.0)
 
 
+def _gaussian_blur(img, sigma, radius: int = 2):
+  """Separable Gaussian blur of [H, W, 3] with a traced ``sigma`` (0 = none)."""
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  w = jnp.exp(-taps ** 2 / (2 * jnp.maximum(sigma, 1e-3) ** 2))
+  w = w / w.sum()
+  for axis in (0, 1):
+    pad = [(0, 0)] * 3
+    pad[axis] = (radius, radius)
+    p = jnp.pad(img, pad, mode="edge")
+    n = img.shape[axis]
+    img = sum(w[i] * jax.lax.slice_in_dim(p, i, i + n, axis=axis)
+              for i in range(2 * radius + 1))
+  return img
+
+
 def _augment_one(key, img, crop_size, flip, jitter_strength, jitter_prob,
-                 rot90_prob, hue_saturation=True):
+                 rot90_prob, hue_saturation=True, stain_jitter=0.0, blur_sigma=0.0):
   """img: float [H, W, 3] in [0, 1]."""
-  k_crop, k_flip, k_jp, k_j, k_rp, k_r = jax.random.split(key, 6)
+  k_crop, k_flip, k_jp, k_j, k_rp, k_r, k_s, k_b = jax.random.split(key, 8)
   h, w = img.shape[:2]
   top = jax.random.randint(k_crop, (), 0, h - crop_size + 1)
   left = jax.random.randint(jax.random.fold_in(k_crop, 1), (), 0, w - crop_size + 1)
@@ -101,6 +117,11 @@ def _augment_one(key, img, crop_size, flip, jitter_strength, jitter_prob,
   if jitter_strength > 0 and jitter_prob > 0:
     img = jnp.where(jax.random.bernoulli(k_jp, jitter_prob),
                     _color_jitter(k_j, img, jitter_strength, hue_saturation), img)
+  if stain_jitter > 0:  # per-channel gain: slide-to-slide stain variation
+    gain = 1 + jax.random.uniform(k_s, (3,), minval=-stain_jitter, maxval=stain_jitter)
+    img = jnp.clip(img * gain, 0.0, 1.0)
+  if blur_sigma > 0:  # focus differs between slides and fields
+    img = _gaussian_blur(img, jax.random.uniform(k_b, (), maxval=blur_sigma))
   if rot90_prob > 0:
     k = jnp.where(jax.random.bernoulli(k_rp, rot90_prob),
                   jax.random.randint(k_r, (), 1, 4), 0)
@@ -114,13 +135,14 @@ def augment_batch(key: jax.Array, images: jax.Array, crop_size: int,
                   jitter_prob: float = 0.8, rot90_prob: float = 0.8,
                   mean: Sequence[float] = (0.5, 0.5, 0.5),
                   std: Sequence[float] = (0.25, 0.25, 0.25),
-                  hue_saturation: bool = True) -> jax.Array:
+                  hue_saturation: bool = True, stain_jitter: float = 0.0,
+                  blur_sigma: float = 0.0) -> jax.Array:
   """Random view of every image in a uint8 batch [B, H, W, 3], normalised."""
   x = images.astype(jnp.float32) / 255.0
   keys = jax.random.split(key, x.shape[0])
   x = jax.vmap(lambda k, im: _augment_one(
       k, im, crop_size, flip, jitter_strength, jitter_prob, rot90_prob,
-      hue_saturation))(keys, x)
+      hue_saturation, stain_jitter, blur_sigma))(keys, x)
   return normalize(x, mean, std)
 
 

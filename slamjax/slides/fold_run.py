@@ -126,7 +126,8 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
   feats = slide_feature_sets(cfg, cohort, sets)
   fits = model_selection.fit_heads(
       cfg, emb["train"], y, [cohort.patient_ids[i] for i in sets["train"]], workdir,
-      feats.get("train"), verbose=verbose)
+      feats.get("train"), where=f"{os.path.basename(os.path.normpath(workdir))}'s training "
+      "slides", verbose=verbose)
   timing["mil"] = time.perf_counter() - t0
   out = {"outputs": {}, "thresholds": {}, "train_outputs": {}, "timing_s": timing,
          "selection": {}}
