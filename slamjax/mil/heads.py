@@ -156,20 +156,6 @@ def get_spec(cfg) -> HeadSpec:
   return HEADS[cfg.head]
 
 
-def get_head(cfg, num_tasks: int = 1, num_base: int | None = None):
-  """Builds the head named ``cfg.head`` (missing keys take their defaults).
-
-  Example:
-    >>> import ml_collections
-    >>> cfg = ml_collections.ConfigDict(dict(head="abmil", hidden_dim=8,
-    ...                                      attention_dim=4, dropout=0.0))
-    >>> type(get_head(cfg)).__name__
-    'GatedABMIL'
-  """
-  cfg = options.resolve(cfg)
-  return get_spec(cfg).build(cfg, num_tasks, num_base)
-
-
 def aem_weight(cfg) -> float:
   w = float(cfg.aem_weight)
   return w if w > 0 else get_spec(cfg).aem_default

@@ -56,10 +56,6 @@ def masked_max(scores: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.max(jnp.where(mask, scores, -jnp.inf), axis=axis)
 
 
-def masked_min(scores: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
-  return jnp.min(jnp.where(mask, scores, jnp.inf), axis=axis)
-
-
 def masked_mean(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
   """sum m v / sum m; ``mask`` broadcasts against ``values``."""
   m = jnp.broadcast_to(mask, values.shape)
@@ -90,13 +86,6 @@ def masked_rank(scores: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.argsort(order, axis=-1, stable=True)
 
 
-def dynamic_k_select(scores: jax.Array, mask: jax.Array, ratio) -> jax.Array:
-  """Boolean mask of the top ceil(ratio * n_valid) valid entries (static shapes)."""
-  n_valid = jnp.sum(mask, axis=-1, keepdims=True)
-  k = jnp.ceil(ratio * n_valid).astype(jnp.int32)
-  return (masked_rank(scores, mask) < k) & mask
-
-
 def top_p_mask(probs: jax.Array, p: float = 0.5, axis: int = -1) -> jax.Array:
   """Minimal set of largest probabilities whose sum reaches ``p``.
 
@@ -112,23 +101,3 @@ def top_p_mask(probs: jax.Array, p: float = 0.5, axis: int = -1) -> jax.Array:
   inverse = jnp.argsort(order, axis=-1, stable=True)
   keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
   return jnp.moveaxis(keep, -1, axis)
-
-
-def jsd(p: jax.Array, q: jax.Array, mask: jax.Array | None = None,
-        axis: int = -1, eps: float = 1e-8) -> jax.Array:
-  """Jensen-Shannon divergence (nats) of two distributions, as ASMIL computes it.
-
-  p and q are clamped at >= eps; with a mask both are restricted to valid
-  entries and renormalised first.
-  """
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-    q = jnp.where(mask, q, 0.0)
-    p = p / jnp.sum(p, axis=axis, keepdims=True)
-    q = q / jnp.sum(q, axis=axis, keepdims=True)
-  p, q = jnp.maximum(p, eps), jnp.maximum(q, eps)
-  m = 0.5 * (p + q)
-  terms = 0.5 * p * jnp.log(p / m) + 0.5 * q * jnp.log(q / m)
-  if mask is not None:
-    terms = jnp.where(mask, terms, 0.0)
-  return jnp.sum(terms, axis=axis)
