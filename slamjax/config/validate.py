@@ -77,7 +77,9 @@ def _choice(path, value, valid) -> None:
 def _names(cfg) -> None:
   """Every name the config uses, checked against its registry."""
   from slamjax import runners  # registries import heavier modules: only here
+  from slamjax import pretrain
   from slamjax import surgery
+  from slamjax.models import resnet
   from slamjax.data import sources
   from slamjax.mil import multihead
   _choice("runner", cfg.runner, runners.RUNNERS)
@@ -87,10 +89,10 @@ def _names(cfg) -> None:
   _choice("pretrain.surgery", cfg.pretrain.surgery, surgery.names())
   _choice("pretrain.surgery_granularity", cfg.pretrain.surgery_granularity,
           ("model", "leaf"))
-  _choice("pretrain.objective", cfg.pretrain.objective, ("slam", "bag_label"))
+  _choice("pretrain.objective", cfg.pretrain.objective, pretrain.OBJECTIVES)
   _choice("embed.output", cfg.embed.output, ("projection", "backbone"))
-  _choice("model.projection", cfg.model.projection, ("shared", "per_task"))
-  _choice("pretrain.similarity", cfg.pretrain.similarity, ("attract", "repel"))
+  _choice("model.projection", cfg.model.projection, resnet.PROJECTIONS)
+  _choice("pretrain.similarity", cfg.pretrain.similarity, pretrain.SIMILARITIES)
   _choice("data.unlisted", cfg.data.unlisted, ("error", "ignore"))
   _choice("resume", cfg.resume, ("auto", "overwrite"))
   multihead.head_names(cfg.mil)
