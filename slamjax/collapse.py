@@ -21,7 +21,8 @@ from being flagged while its NT-Xent falls through log(2B-1) on the way
 down, or while a weak SimCLR hovers around it: in small CPU runs both
 happen at isolated logged steps, while a collapse holds at every step from
 its start. During pretraining :class:`Monitor` prints one multi-line
-warning when a run first counts as collapsed and writes
+warning when a run first counts as collapsed (one line with
+``compact=True``) and writes
 ``workdir/pretrain_collapse.json`` (:func:`summarize`'s dict) at the end.
 
 Example:
@@ -175,6 +176,23 @@ def warning_text(step: int, metrics: dict, batch_pos: int, spread: float,
   ])
 
 
+def compact_text(step: int, metrics: dict, batch_pos: int, spread: float,
+                 margin: float, resumed: bool = False) -> str:
+  """The one-line form of :func:`warning_text` (later folds, smoke runs).
+
+  >>> print(compact_text(5, {"embed_std": 0.01, "loss_simclr": 3.4}, 16, 0.05, 0.05))
+  ... # doctest: +NORMALIZE_WHITESPACE
+  pretrain: WARNING: collapsed at step 5 (spread 0.0100, NT-Xent 3.4000 vs
+  log(2B-1) 3.4340); embeddings from it carry little information
+  """
+  s = float(metrics.get("embed_std", float("nan")))
+  loss = float(metrics.get("loss_simclr", float("nan")))
+  return (f"pretrain: WARNING: collapsed at step {step}"
+          + (" (before this resumed run)" if resumed else "")
+          + f" (spread {s:.4f}, NT-Xent {loss:.4f} vs log(2B-1) "
+          f"{ntxent_uniform(batch_pos):.4f}); embeddings from it carry little information")
+
+
 _SHARED_ADVICE = (
     "  The reference similarity loss has no repulsion; on a projection shared",
     "  with SimCLR it pulls every cell together, and surgery does not stop it.",
@@ -197,15 +215,17 @@ class Monitor:
 
   ``history`` holds the steps logged before a resume: if those already
   count as collapsed, the warning is printed at once (marked as before the
-  resume).
+  resume). ``compact=True`` prints the one-line :func:`compact_text`
+  instead of the box (smoke runs, where a collapse is expected and the box
+  on every fold buries the rest).
   """
 
   def __init__(self, batch_pos: int, spread: float = DEFAULT_SPREAD,
                margin: float = DEFAULT_MARGIN, patience: int = DEFAULT_PATIENCE,
                history: Iterable[dict] = (), echo: bool = True,
-               projection: str = "shared"):
+               projection: str = "shared", compact: bool = False):
     self.batch_pos, self.spread, self.margin = batch_pos, spread, margin
-    self.projection = projection
+    self.projection, self.compact = projection, compact
     self.patience, self.echo = max(1, int(patience)), echo
     self.history = list(history)
     self.warned = False
@@ -219,6 +239,10 @@ class Monitor:
     self.warned = True
     if self.echo:
       first = self.history[len(self.history) - self.streak].get("step")
+      if self.compact:
+        print(compact_text(first, metrics, self.batch_pos, self.spread, self.margin,
+                           resumed), flush=True)
+        return
       print(warning_text(first, metrics, self.batch_pos, self.spread, self.margin,
                          resumed, self.patience, self.projection), flush=True)
 

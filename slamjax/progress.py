@@ -73,6 +73,73 @@ class Progress:
     print("  ".join(parts), flush=True)
 
 
+class RunProgress:
+  """Overall progress of a run made of long units (the folds of each method,
+  then the final model): one line as each starts, with the elapsed time and
+  an ETA from the units this process has run (resumed units do not count).
+
+  ``start(detail)`` announces fold k of n; ``start_final(detail)`` the final
+  model (counted as one more unit in the ETA when ``final``); ``skip()``
+  counts a fold finished by an earlier run. A unit ends at the next
+  ``start``/``skip``/``start_final`` or at ``done()``.
+
+  Example:
+    >>> t = iter([0.0, 0.0, 0.0, 600.0, 900.0]).__next__
+    >>> p = RunProgress(3, final=True, clock=t)
+    >>> p.skip()
+    >>> p.start("slam_ags fold1: 40 training, 10 held-out slides")
+    slides: fold 2 of 3 (slam_ags fold1: 40 training, 10 held-out slides); elapsed 0m00s, ETA after this fold
+    >>> p.start("slam_ags fold2")
+    slides: fold 3 of 3 (slam_ags fold2); elapsed 10m00s, ETA 20m00s (with the final model)
+    >>> p.start_final("training on all 50 labelled slides")
+    slides: final model (training on all 50 labelled slides); elapsed 15m00s, ETA 7m30s
+  """
+
+  def __init__(self, total: int, final: bool = False, name: str = "slides",
+               clock=time.perf_counter):
+    self.total, self.final, self.name, self.clock = int(total), bool(final), name, clock
+    self.t0 = clock()
+    self.k = 0  # folds started or skipped
+    self._unit_t0 = None  # start of the running unit
+    self._times: list[float] = []  # durations of the units run here
+
+  def _end_unit(self, now: float) -> None:
+    if self._unit_t0 is not None:
+      self._times.append(now - self._unit_t0)
+      self._unit_t0 = None
+
+  def _eta(self, remaining: int) -> str:
+    if not self._times:
+      return "ETA after this fold"
+    return f"ETA {_fmt_time(remaining * float(np.mean(self._times)))}"
+
+  def _say(self, now: float, what: str, remaining: int, extra: str = "") -> None:
+    if distributed.is_main_process():
+      print(f"{self.name}: {what}; elapsed {_fmt_time(now - self.t0)}, "
+            f"{self._eta(remaining)}{extra}", flush=True)
+    self._unit_t0 = now
+
+  def skip(self) -> None:
+    self._end_unit(self.clock())
+    self.k += 1
+
+  def start(self, detail: str = "") -> None:
+    now = self.clock()
+    self._end_unit(now)
+    self.k += 1
+    remaining = self.total - self.k + 1 + int(self.final)
+    self._say(now, f"fold {self.k} of {self.total}" + (f" ({detail})" if detail else ""),
+              remaining, " (with the final model)" if self.final and self._times else "")
+
+  def start_final(self, detail: str = "") -> None:
+    now = self.clock()
+    self._end_unit(now)
+    self._say(now, "final model" + (f" ({detail})" if detail else ""), 1)
+
+  def done(self) -> None:
+    self._end_unit(self.clock())
+
+
 def check_finite(step: int, metrics: dict) -> None:
   """Raises when a logged scalar is NaN/Inf, naming it (as big_vision does)."""
   for k, v in metrics.items():

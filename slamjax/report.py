@@ -127,11 +127,54 @@ def write_results(workdir: str, results: dict, intro: list[str],
   return text
 
 
+def slide_call(slide_id: str, probs, thresholds, task_names=None, labels=None) -> str:
+  """A gallery row's label: the slide, then per task the predicted class (and
+  the true label when known), the probability and the threshold.
+
+  Example:
+    >>> print(slide_call("P01", [0.73], [0.41], labels=[0.0]))
+    P01
+    called positive, label negative
+    p=0.73, threshold 0.41
+    >>> print(slide_call("P02", [0.2, 0.9], [0.5, 0.5], ["blast", "ly"]))
+    P02
+    blast: called negative, p=0.20 / thr 0.50
+    ly: called positive, p=0.90 / thr 0.50
+  """
+  probs, thresholds = np.ravel(probs), np.ravel(thresholds)
+  labels = None if labels is None else np.ravel(np.asarray(labels, float))
+  if labels is not None and len(labels) != len(probs):  # a table without labels
+    labels = None
+  word = lambda x: "positive" if x else "negative"  # noqa: E731
+
+  def called(t):
+    known = labels is not None and not np.isnan(labels[t])
+    return (f"called {word(probs[t] >= thresholds[t])}"
+            + (f", label {word(labels[t] == 1)}" if known else ""))
+
+  if len(probs) == 1 and (task_names is None or len(task_names) <= 1):
+    return "\n".join([str(slide_id), called(0),
+                      f"p={probs[0]:.2f}, threshold {thresholds[0]:.2f}"])
+  names = task_names or [f"task {t}" for t in range(len(probs))]
+  return "\n".join([str(slide_id)] + [
+      f"{name}: {called(t)}, p={probs[t]:.2f} / thr {thresholds[t]:.2f}"
+      for t, name in enumerate(names)])
+
+
 def plot_attention(path: str, images: list[np.ndarray], attention: list[np.ndarray],
-                   witness: list[np.ndarray], titles: list[str], top: int = 8) -> None:
-  """One row per bag: its top-``top`` cells by attention, witnesses in red."""
+                   witness: list[np.ndarray] | None = None, titles=(), top: int = 8, *,
+                   title: str | None = None) -> None:
+  """One row per bag (slide): its top-``top`` cells by attention.
+
+  ``witness`` (a bool array per row, or None): cells known to be witnesses
+  get a red frame, and the title says so; without any witness label there is
+  no frame and no legend. ``titles`` label the rows (see :func:`slide_call`),
+  ``title`` the figure (default: "... per test bag" with witness labels,
+  else "... per slide").
+  """
   rows = len(images)
-  fig, axes = plt.subplots(rows, top, figsize=(1.6 * top, 1.9 * rows), squeeze=False)
+  known = witness is not None and any(w is not None and np.any(w) for w in witness)
+  fig, axes = plt.subplots(rows, top, figsize=(1.6 * top, 1.9 * rows + 0.4), squeeze=False)
   for r in range(rows):
     order = np.argsort(-attention[r], kind="stable")[:top]
     for c in range(top):
@@ -142,14 +185,17 @@ def plot_attention(path: str, images: list[np.ndarray], attention: list[np.ndarr
         continue
       i = order[c]
       ax.imshow(images[r][i])
-      hit = bool(witness[r][i])
+      hit = known and witness[r] is not None and bool(witness[r][i])
       for s in ax.spines.values():
         s.set_edgecolor("red" if hit else "0.7")
         s.set_linewidth(3 if hit else 1)
       ax.set_title(f"#{c + 1} a={attention[r][i]:.3f}", fontsize=7,
                    color="red" if hit else "black")
-    axes[r, 0].set_ylabel(titles[r], fontsize=8)
-  fig.suptitle("Top-attention cells per test bag (red frame = true witness)")
+    if r < len(titles):
+      axes[r, 0].set_ylabel(titles[r], fontsize=7)
+  title = title or ("Top-attention cells per test bag" if known
+                     else "Top-attention cells per slide")
+  fig.suptitle(title + (" (red frame = true witness)" if known else ""))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

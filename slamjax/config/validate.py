@@ -63,8 +63,10 @@ def _range(path, value, lo, hi, lo_open=False, hi_open=False, integer=False):
   if bad:
     lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
     kind = "an integer in " if integer else ""
-    raise ValueError(f"config.{path}={value!r} is outside the valid range "
-                     f"{kind}{lb}{lo}, {hi}{rb}")
+    where = (f"is outside the valid range {kind}{lb}{lo}, {hi}{rb}" if hi != float("inf")
+             else f"must be {'more than' if lo_open else 'at least'} {lo}"
+             + " (an integer)" * integer)  # not "the range [2, inf]"
+    raise ValueError(f"config.{path}={value!r} {where}")
 
 
 def _choice(path, value, valid) -> None:

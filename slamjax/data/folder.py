@@ -47,12 +47,10 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
-import io
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from slamjax.data import pool as pool_lib
 
@@ -250,29 +248,17 @@ def scan_folder(root: str, *, classes: Sequence[str] | None = None,
 
 
 def decode_image(data: bytes, image_size: int | None, name: str = "<bytes>") -> np.ndarray:
-  """Decodes image bytes to uint8 [S, S, 3] (square centre crop + resize).
+  """Decodes image bytes to uint8 [S, S, 3] (square centre crop + resize;
+  ``image_size`` None keeps the square's size): ``image_cache.decode_cell``,
+  so both pipelines read 16-bit data, transparency and EXIF orientation
+  alike. JPEGs are decoded at full scale (no DCT draft), as this pipeline
+  always has, so its pools do not change.
 
   Raises:
-    FolderDataError: naming ``name`` if the bytes are not a decodable image.
+    BadFileError: naming ``name`` if the bytes are not a decodable image.
   """
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.load()  # truncated/corrupt data fails here, not lazily later
-      img = img.convert("RGB")
-  except Image.UnidentifiedImageError:
-    raise BadFileError(name, "cannot decode image (not a recognised image "
-                       "format)") from None
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-    raise BadFileError(name, f"cannot decode image ({type(e).__name__}: {e})"
-                       ) from None
-  w, h = img.size
-  if w != h:
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-  if image_size is not None and img.size != (image_size, image_size):
-    img = img.resize((image_size, image_size), Image.BILINEAR)
-  return np.asarray(img, np.uint8)
+  from slamjax.data import image_cache  # it imports this module
+  return image_cache.decode_cell(data, image_size, name, draft=False)
 
 
 def _read(path: str) -> bytes:

@@ -18,12 +18,18 @@ in the cache's ``.json`` sidecar (so a cache hit still knows them) and
 returned in ``CachedImages.bad``. The caller decides whether that is an
 error.
 
-``decode_cell`` is the single-image decoder: any mode (grayscale, RGBA/LA/
-palette with transparency are composited on white, 16-bit and 32-bit
-integer images are scaled by 255/65535, float images by 255) -> RGB uint8,
+``decode_cell`` is the single-image decoder (``folder.decode_image`` calls
+it too): any mode -> RGB uint8, turned upright by its EXIF orientation,
 centre-cropped to a square and resized to ``image_size`` (antialiased
-bilinear). JPEGs are decoded at reduced DCT scale when they are at least
-twice ``image_size`` (``Image.draft``), which is several times faster.
+bilinear). RGBA/LA/palette images with transparency are composited on
+white. Images of more than 8 bits per sample (16-bit grayscale or colour,
+32-bit integer) are scaled by their real range: the file's own
+``MaxSampleValue`` (TIFF) or ``sBIT`` (PNG) tag, else the smallest of 8,
+10, 12, 14 or 16 bits that holds the image's maximum, so 12-bit camera data
+in a 16-bit TIFF spans 0-255 instead of decoding near black. Float images
+are scaled by 255 (values in [0, 1]) or like integers. JPEGs are decoded at
+reduced DCT scale when they are at least twice ``image_size``
+(``Image.draft``), which is several times faster.
 
 Example:
   >>> import os, tempfile
@@ -50,6 +56,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from typing import Callable, Sequence
@@ -60,9 +67,23 @@ from PIL import Image
 from slamjax.data import folder
 
 # Bump when decode_cell's output changes, so old caches are not reused.
-DECODER_VERSION = 1
+# 2: high-bit-depth images scaled by their real range; 16-bit colour kept at
+# full depth; EXIF orientation applied.
+DECODER_VERSION = 2
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Candidate bit depths when the file does not say (camera data: 10-16 bits).
+_BIT_DEPTHS = (8, 10, 12, 14, 16)
+# PIL reads 16-bit colour samples through rawmodes ending in ;16L/;16B/;16N
+# and keeps only the high byte. The same data read with the byte order
+# swapped gives the low byte (the unpackers exist for both orders).
+_SWAP_ORDER = {"L": "B", "B": "L", "N": "B" if sys.byteorder == "little" else "L"}
+# EXIF orientation -> the transpose that makes the image upright (the table
+# of PIL.ImageOps.exif_transpose, applied here to the converted image).
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 class CacheError(ValueError):
@@ -77,16 +98,103 @@ def default_cache_dir(cache_dir: str = "") -> str:
       os.path.expanduser("~"), ".cache", "slamjax")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _rawmode(tile) -> str:
+  args = tile.args
+  return str(args[0] if isinstance(args, tuple) else args)
+
+
+def _sixteen_bit_colour(data: bytes, img: Image.Image, tiles) -> np.ndarray | None:
+  """uint16 ``[h, w, bands]`` of an image with 16-bit colour samples (which
+  PIL cuts to their high byte), read a second time for the low byte; None
+  for other images or when PIL cannot (then the 8-bit decode stands)."""
+  raws = [_rawmode(t) for t in tiles]
+  if not raws or img.mode not in ("RGB", "RGBA", "LA") or not all(
+      r[-4:-1] == ";16" and r[-1] in _SWAP_ORDER for r in raws):
+    return None
+  try:
+    with Image.open(io.BytesIO(data)) as low:
+      low.tile = [t._replace(args=(_rawmode(t)[:-1] + _SWAP_ORDER[_rawmode(t)[-1]],)
+                             + tuple(t.args[1:]) if isinstance(t.args, tuple)
+                             else _rawmode(t)[:-1] + _SWAP_ORDER[_rawmode(t)[-1]])
+                  for t in low.tile]
+      low.load()
+      lo = np.asarray(low)
+  except Exception:  # noqa: BLE001 - an unusual layout: keep the 8-bit decode
+    return None
+  hi = np.asarray(img)
+  if lo.shape != hi.shape:
+    return None
+  return (hi.astype(np.uint16) << 8) | lo
+
+
+def _png_sbit(data: bytes) -> int | None:
+  """Significant bits of a PNG's colour samples (its sBIT chunk), if given."""
+  pos = 8
+  while pos + 8 <= len(data):
+    n = int.from_bytes(data[pos:pos + 4], "big")
+    kind = data[pos + 4:pos + 8]
+    if kind == b"sBIT":
+      bits = data[pos + 8:pos + 8 + n]
+      colour = bits[:3] if n >= 3 else bits[:1]  # RGB(A): 3 colour; gray(A): 1
+      return max(colour) if colour else None
+    if kind in (b"IDAT", b"IEND"):
+      return None
+    pos += 12 + n
+  return None
+
+
+def _full_scale(img: Image.Image, data: bytes, a: np.ndarray) -> float:
+  """The value that maps to 255: the file's tag, else the smallest bit depth
+  of ``_BIT_DEPTHS`` holding the maximum (beyond 16 bits, the maximum). A
+  depth rather than each image's own maximum keeps cells of one camera
+  equally bright."""
+  peak = float(a.max()) if a.size else 0.0
+  tags = getattr(img, "tag_v2", None)
+  if tags is not None:
+    top = tags.get(281)  # TIFF MaxSampleValue
+    if top is not None:
+      top = max(top) if isinstance(top, tuple) else top
+      if 0 < top < 65535 and top >= peak:  # a tag below the data is wrong
+        return float(top)
+    bps = tags.get(258)  # TIFF BitsPerSample
+    bps = max(bps) if isinstance(bps, tuple) else bps
+    if bps and 8 < bps < 16 and 2 ** bps - 1 >= peak:
+      return float(2 ** bps - 1)
+  if img.format == "PNG":
+    sbit = _png_sbit(data)
+    if sbit and 8 <= sbit < 16 and 2 ** sbit - 1 >= peak:
+      return float(2 ** sbit - 1)
+  top = peak
+  for bits in _BIT_DEPTHS:
+    if top <= 2 ** bits - 1:
+      return float(2 ** bits - 1)
+  return top
+
+
+def _to_uint8(a: np.ndarray, full: float) -> np.ndarray:
+  a = a.astype(np.float64) * (255.0 / max(full, 1e-12))
+  return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, data: bytes = b"", wide: np.ndarray | None = None
+            ) -> Image.Image:
   mode = img.mode
+  if wide is not None:  # 16-bit colour (+ alpha): [h, w, 3|4] or [h, w, 2]
+    n = 1 if mode == "LA" else 3
+    rgb = _to_uint8(wide[..., :n], _full_scale(img, data, wide[..., :n]))
+    if wide.shape[-1] > n:  # alpha is always full range
+      alpha = wide[..., n:n + 1].astype(np.float64) / 65535.0
+      rgb = np.rint(rgb * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    return Image.fromarray(np.repeat(rgb, 3, -1) if n == 1 else rgb, "RGB")
   if mode in _SIXTEEN_BIT or mode == "F":
     # PIL's own convert("L") clips 16-bit values at 255 (a dim 12-bit image
-    # turns white); scale by the container's full range instead. A fixed
-    # scale, not each image's max, keeps brightness comparable across cells.
-    a = np.asarray(img).astype(np.float64)
-    a = a * (255.0 if mode == "F" else 255.0 / 65535.0)
-    a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(a, "L").convert("RGB")
+    # turns white) and a fixed 65535 makes 12-bit data near black: scale by
+    # the data's real range instead.
+    a = np.asarray(img)
+    full = 1.0 if mode == "F" and a.size and float(np.nanmax(a)) <= 1.0 else None
+    a = np.nan_to_num(a.astype(np.float64)) if mode == "F" else a
+    full = _full_scale(img, data, a) if full is None else full
+    return Image.fromarray(_to_uint8(a, full), "L").convert("RGB")
   if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
     # Transparent background -> white (a slide background), not black.
     rgba = img.convert("RGBA")
@@ -96,11 +204,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img if mode == "RGB" else img.convert("RGB")
 
 
-def decode_cell(data: bytes, image_size: int, name: str = "<bytes>",
-                center_crop: float = 1.0) -> np.ndarray:
+def decode_cell(data: bytes, image_size: int | None, name: str = "<bytes>",
+                center_crop: float = 1.0, draft: bool = True) -> np.ndarray:
   """Decodes image bytes of any mode to uint8 ``[image_size, image_size, 3]``:
-  the central square, of which the central ``center_crop`` fraction of the
-  side is kept, resized to ``image_size``.
+  the upright image's central square, of which the central ``center_crop``
+  fraction of the side is kept, resized to ``image_size`` (None: not
+  resized). ``draft=False`` decodes JPEGs at full scale before resizing.
 
   Raises:
     folder.BadFileError: naming ``name`` if the bytes do not decode.
@@ -108,24 +217,29 @@ def decode_cell(data: bytes, image_size: int, name: str = "<bytes>",
   Example:
     >>> import io, numpy as np
     >>> from PIL import Image
-    >>> buf = io.BytesIO()
-    >>> Image.fromarray(np.full((6, 10), 65535, np.uint16)).save(buf, "TIFF")
+    >>> buf = io.BytesIO()  # 12-bit data in a 16-bit TIFF
+    >>> Image.fromarray(np.full((6, 10), 4095, np.uint16)).save(buf, "TIFF")
     >>> decode_cell(buf.getvalue(), 4)[0, 0].tolist()
     [255, 255, 255]
   """
   try:
     with Image.open(io.BytesIO(data)) as img:
-      need = int(np.ceil(image_size / center_crop))
-      if img.format == "JPEG" and min(img.size) >= 2 * need:
-        img.draft(None, (need, need))  # DCT-domain downscale
+      if draft and image_size is not None:
+        need = int(np.ceil(image_size / center_crop))
+        if img.format == "JPEG" and min(img.size) >= 2 * need:
+          img.draft(None, (need, need))  # DCT-domain downscale
+      tiles = list(img.tile)  # load() clears them
       img.load()  # truncated/corrupt data fails here, not lazily later
-      img = _to_rgb(img)
+      orientation = img.getexif().get(0x0112, 1)
+      img = _to_rgb(img, data, _sixteen_bit_colour(data, img, tiles))
   except Image.UnidentifiedImageError:
     raise folder.BadFileError(name, "cannot decode image (not a recognised "
                               "image format)") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
     raise folder.BadFileError(
         name, f"cannot decode image ({type(e).__name__}: {e})") from None
+  if orientation in _ORIENT:
+    img = img.transpose(_ORIENT[orientation])
   w, h = img.size
   if w != h:
     s = min(w, h)
@@ -136,7 +250,7 @@ def decode_cell(data: bytes, image_size: int, name: str = "<bytes>",
     k = max(1, int(round(s * center_crop)))
     off = (s - k) // 2
     img = img.crop((off, off, off + k, off + k))
-  if img.size != (image_size, image_size):
+  if image_size is not None and img.size != (image_size, image_size):
     img = img.resize((image_size, image_size), Image.BILINEAR)
   return np.asarray(img, np.uint8)
 

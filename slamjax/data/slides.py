@@ -41,7 +41,7 @@ Example:
   >>> for sid, n in (("s1", 2), ("s2", 3)):
   ...   os.makedirs(f"{root}/{sid}/field1")
   ...   for i in range(n):
-  ...     Image.new("L", (30, 20), 40 * i).save(f"{root}/{sid}/field1/{i}.png")
+  ...     Image.linear_gradient("L").resize((30, 20)).save(f"{root}/{sid}/field1/{i}.png")
   >>> _ = pathlib.Path(f"{root}/slides.csv").write_text("slide_id,label\\ns1,0\\ns2,1\\n")
   >>> cfg = ml_collections.ConfigDict(dict(
   ...     source="slides", root=root, csv="slides.csv", cells_csv="",
@@ -64,6 +64,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -77,6 +78,10 @@ SPLITS = ("train", "test")
 # Cell values that mean "no label" (compared lower-cased).
 _MISSING = frozenset({"", "na", "n/a", "nan", "none", "null"})
 _SHOW = 8  # offending items named in one message
+# A slide whose sampled cells have a median pixel standard deviation below
+# this (of 255) holds blank fields or images that decode wrongly.
+_UNIFORM_STD = 3.0
+_UNIFORM_SAMPLE = 16  # cells per slide looked at
 
 
 class CohortError(ValueError):
@@ -105,7 +110,8 @@ class Cohort:
     report: num_slides, num_cells, decoded, cache_hit, cache_path,
       decode_seconds, skipped_files (paths), skipped_reasons ({path: why}),
       unlisted_folders, ignored_files (non-image files; first 20),
-      num_ignored_files.
+      num_ignored_files, uniform_slides (slides whose images are nearly
+      uniform; see ``uniform_slides``).
   """
   root: str
   slide_ids: tuple[str, ...]
@@ -144,15 +150,68 @@ class Cohort:
       parts.append(f"{int(sum(w.sum() for w in self.witness))} witness cells")
     if self.report.get("skipped_files"):
       parts.append(f"{len(self.report['skipped_files'])} bad files skipped")
+    n = self.report.get("num_ignored_files", 0)
+    if n:  # a stray export or notes file the user may have meant as a cell
+      shown = self.report.get("ignored_files", [])[:3]
+      parts.append(f"{n} non-image file(s) ignored: " + ", ".join(shown)
+                   + (", ..." if n > len(shown) else ""))
+    uniform = self.report.get("uniform_slides") or []
+    if uniform:
+      parts.append(f"{len(uniform)} slide(s) with nearly uniform images: "
+                   + ", ".join(uniform[:3]) + (", ..." if len(uniform) > 3 else ""))
     parts.append("cache hit" if self.report.get("cache_hit")
                  else f"decoded {self.report.get('decoded', 0)} cells")
     return "; ".join(parts)
+
+
+def uniform_slides(images: np.ndarray, cells: Sequence[np.ndarray],
+                   slide_ids: Sequence[str]) -> list[str]:
+  """Slides whose images are nearly uniform: the median, over up to
+  ``_UNIFORM_SAMPLE`` evenly spaced cells, of each cell's pixel standard
+  deviation is below ``_UNIFORM_STD`` (of 255).
+
+  Example:
+    >>> imgs = np.zeros((4, 8, 8, 3), np.uint8); imgs[2:, ::2] = 200
+    >>> uniform_slides(imgs, [np.array([0, 1]), np.array([2, 3])], ["a", "b"])
+    ['a']
+  """
+  out = []
+  for sid, idx in zip(slide_ids, cells):
+    if not len(idx):
+      continue
+    take = np.asarray(idx)[np.linspace(0, len(idx) - 1, min(len(idx), _UNIFORM_SAMPLE)
+                                       ).astype(int)]
+    std = np.asarray(images[np.sort(take)], np.float32).reshape(len(take), -1).std(1)
+    if np.median(std) < _UNIFORM_STD:
+      out.append(sid)
+  return out
 
 
 def _fmt(items: Sequence[str], n: int = _SHOW) -> str:
   items = list(items)
   more = f" ... and {len(items) - n} more" if len(items) > n else ""
   return "; ".join(items[:n]) + more
+
+
+def _nfc(name: str) -> str:
+  """Slide ids and folder names are compared in Unicode NFC: macOS stores
+  folder names decomposed (e + combining accent), spreadsheets composed."""
+  return unicodedata.normalize("NFC", name)
+
+
+def _near_miss(sid: str, names) -> str:
+  """Why a folder almost named ``sid`` did not match it ('' if none did)."""
+  for name in names:
+    n = _nfc(name)
+    if n != sid and n.strip() == sid:
+      where = ("trailing" if n.rstrip() == sid else "leading"
+               if n.lstrip() == sid else "leading and trailing")
+      return (f"; folder {name!r} differs only by {where} space(s): rename it to "
+              f"{sid!r}")
+  for name in names:
+    if _nfc(name).lower() == sid.lower():
+      return f"; folder {name!r} differs only in upper/lower case"
+  return ""
 
 
 def _is_hidden(name: str) -> bool:
@@ -181,6 +240,12 @@ def _read_table(path: str, what: str) -> tuple[list[str], list[tuple[int, dict]]
       if not header or not any(h.strip() for h in header):
         raise CohortError(f"{what} {path} is empty; it needs a header row")
       header = [h.strip() for h in header]
+      if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        sep = "semicolons" if ";" in header[0] else "tabs"
+        raise CohortError(
+            f"{what} {path}: its header {header[0]!r} is one column; the values "
+            f"look separated by {sep}. Save it with commas between the values "
+            "(spreadsheet programs: 'CSV UTF-8 (comma delimited)')")
       dup = sorted({h for h in header if header.count(h) > 1})
       if dup:
         raise CohortError(f"{what} {path}: column(s) {dup} appear more than once")
@@ -317,6 +382,8 @@ def _parse_slides(cfg, path, require_labels) -> _SlideTable:
   if "slide_id" not in header:
     raise CohortError(f"{path}: no 'slide_id' column; its columns are {header}. "
                       "The first row must be a header naming the columns.")
+  for _, r in rows:
+    r["slide_id"] = _nfc(r["slide_id"])
   if not rows:
     raise CohortError(f"{path} has a header but no slide rows")
   empty = [f"line {line}" for line, r in rows if not r["slide_id"]]
@@ -445,17 +512,23 @@ def _cells_from_folders(root, table, csv_path, unlisted, report):
   """Folder layout: {slide_id: [abs image paths]} for the table's slides."""
   folders = sorted(d for d in os.listdir(root)
                    if not _is_hidden(d) and os.path.isdir(os.path.join(root, d)))
+  folder_of: dict[str, str] = {}  # NFC slide id -> folder name on disk
+  for d in folders:
+    if _nfc(d) in folder_of:
+      raise CohortError(f"Folders {folder_of[_nfc(d)]!r} and {d!r} in {root} are one "
+                        "name written in two Unicode forms; merge or rename them")
+    folder_of[_nfc(d)] = d
   where = csv_path or "the slide table"
   if table is not None:
-    folder_set = set(folders)
-    missing = [f"line {line}: {sid!r} (expected folder {os.path.join(root, sid)})"
+    missing = [f"line {line}: {sid!r} (expected folder {os.path.join(root, sid)}"
+               f"{_near_miss(sid, folders)})"
                for sid, line in zip(table.slide_ids, table.lines)
-               if sid not in folder_set]
+               if sid not in folder_of]
     if missing:
       raise CohortError(f"{where}: slide row(s) with no folder: {_fmt(missing)}. "
                         f"Folders in {root}: {_fmt(folders, 12) or 'none'}")
     listed = set(table.slide_ids)
-    extra = [d for d in folders if d not in listed]
+    extra = [d for d in folders if _nfc(d) not in listed]
     if extra and unlisted != "ignore":
       raise CohortError(
           f"Folder(s) in {root} with no row in {where}: {_fmt(extra)}. Add a row "
@@ -467,13 +540,13 @@ def _cells_from_folders(root, table, csv_path, unlisted, report):
     if not folders:
       raise CohortError(f"{root} holds no slide folders (expected "
                         "root/<slide_id>/**/<images>)")
-    slide_ids = folders
+    slide_ids = list(folder_of)
   by_slide, others, empty = {}, [], []
   for sid in slide_ids:
-    images, other = _list_images(root, os.path.join(root, sid))
+    images, other = _list_images(root, os.path.join(root, folder_of[sid]))
     others += other
     if not images:
-      empty.append(f"{os.path.join(root, sid)}"
+      empty.append(f"{os.path.join(root, folder_of[sid])}"
                    + (f" ({len(other)} non-image file(s))" if other else ""))
     by_slide[sid] = images
   if empty:
@@ -496,6 +569,8 @@ def _cells_from_table(root, cells_path, table, csv_path, unlisted, report,
                       f"columns are {header}")
   if not rows:
     raise CohortError(f"cell table {cells_path} has a header but no rows")
+  for _, r in rows:
+    r["slide_id"] = _nfc(r["slide_id"])
   has_witness = "witness" in header
   by_slide: dict[str, dict[str, bool]] = {}
   owner: dict[str, tuple[str, int]] = {}
@@ -665,6 +740,14 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
                       f"files: {_fmt([repr(x) for x in emptied])}; skipped: "
                       f"{_fmt(report['skipped_files'])}")
 
+  # Blank fields or a format that decodes wrongly: said once per cohort.
+  report["uniform_slides"] = uniform_slides(cached.images, cells, slide_ids)
+  if report["uniform_slides"]:
+    print(f"data: WARNING: the images of {len(report['uniform_slides'])} slide(s) are "
+          f"nearly uniform (pixel std below {_UNIFORM_STD:g} of 255 in most cells): "
+          f"{_fmt([repr(x) for x in report['uniform_slides']])}. Open a few of their "
+          "files: blank fields, or images that do not decode as expected, carry no "
+          "information", flush=True)
   report.update(num_slides=len(slide_ids), num_cells=int(sum(len(c) for c in cells)),
                 decoded=cached.decoded, cache_hit=cached.cache_hit,
                 cache_path=cached.cache_path, decode_seconds=round(cached.seconds, 3))

@@ -106,7 +106,7 @@ def test_unknown_override_is_rejected_before_training(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("bags.witness_rate", 0.0, r"bags.witness_rate=0.0 is outside the valid range \(0, 1\]"),
     ("bags.witness_rate", 1.2, r"bags.witness_rate"),
-    ("bags.bag_size", 0, r"bags.bag_size=0 is outside"),
+    ("bags.bag_size", 0, r"bags.bag_size=0 must be at least 1 \(an integer\)"),
 ])
 def test_out_of_range_values_name_the_field(field, value, match):
   cfg = default.get_config("quick")
