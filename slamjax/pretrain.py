@@ -352,7 +352,8 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
         batcher.b_pos, cfg.pretrain.collapse_spread, cfg.pretrain.collapse_margin,
         cfg.pretrain.collapse_patience,
         history=progress_lib.read_jsonl(log_path) if main_process and start else (),
-        echo=main_process, projection=cfg.model.projection)
+        echo=main_process, projection=cfg.model.projection,
+        compact=cfg.pretrain.epochs <= 2)  # smoke runs: one line, not the box
   print(f"pretrain: {len(batcher.pos_cells)} positive-bag and "
         f"{len(batcher.neg_cells)} negative-bag cells; batch {batcher.b_pos}+"
         f"{batcher.b_neg}; {batcher.steps_per_epoch} steps/epoch; {total} steps; "
