@@ -2,7 +2,9 @@
 MIL head -> bag predictions, witness retrieval, tables and plots.
 
 Everything is resumable: rerunning with the same workdir continues from the
-latest pretraining or MIL checkpoint.
+latest pretraining or MIL checkpoint, when its ``fingerprint.json`` (config
+and cell pool, :mod:`slamjax.workdir`) matches; otherwise the run stops
+before any work and names what differs.
 
 Example (what ``slamjax.main`` runs)::
 
@@ -29,6 +31,7 @@ from slamjax import pretrain as pretrain_lib
 from slamjax import progress
 from slamjax import report
 from slamjax import sharding
+from slamjax import workdir as workdir_lib
 from slamjax.data import augment
 from slamjax.data import bags as bags_lib
 from slamjax.data import sources
@@ -101,15 +104,16 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
   it already (the study reuses one across runs); else it is loaded.
   """
   config_lib.validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  # Another run's results in workdir: config differences stop here, before
+  # any data is loaded; a different cell pool once it is.
+  claim = workdir_lib.Run(workdir, cfg, workdir_lib.OUTPUTS["pipeline"])
   main_process = distributed.is_main_process()  # the only one writing files
-  if main_process:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
   timing = {}
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh.data)
   pool, bags = prepare_data(cfg, pool)
+  claim.commit(workdir_lib.pool_data(pool), write=main_process)
+  os.makedirs(workdir, exist_ok=True)
   if main_process:
     _write_bags(workdir, pool, bags)
   timing["data"] = time.perf_counter() - t0

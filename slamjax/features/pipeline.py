@@ -16,7 +16,9 @@ statistics, train every head of ``config.mil.heads``
   (slide_id, split, label and probability per column) and
   ``attention/<slide_id>.csv`` for every slide (``eval.export_attention``).
 
-Rerunning with the same workdir resumes every head from its checkpoint.
+Rerunning with the same workdir resumes every head from its checkpoint, when
+its ``fingerprint.json`` (config and feature files, :mod:`slamjax.workdir`)
+matches; otherwise the run stops before any work and names what differs.
 
 Example::
 
@@ -39,6 +41,7 @@ from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import evaluate
 from slamjax import report
+from slamjax import workdir as workdir_lib
 from slamjax.features import dataset as dataset_lib
 from slamjax.features import export
 from slamjax.mil import multihead
@@ -96,9 +99,7 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
   config_lib.validate(cfg)
   if not distributed.is_main_process():
     return {}  # single-host work, done by process 0
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  claim = workdir_lib.Run(workdir, cfg, workdir_lib.OUTPUTS["features"])
   timing = {}
   t0 = time.perf_counter()
   d = cfg.data
@@ -107,6 +108,7 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
                      "e.g. --config.data.root=/path/to/features")
   ds = dataset_lib.load_feature_folder(d.root, d.manifest, d.label_columns or None,
                                        d.unlisted)
+  claim.commit(workdir_lib.features_data(ds))  # before standardising in place
   split_idx = ds.split_indices(d.test_fraction, cfg.seed)
   timing["data"] = time.perf_counter() - t0
   print(f"features: {ds.num_slides} slides, dim {ds.dim}, labels {list(ds.label_columns)}; "

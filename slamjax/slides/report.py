@@ -220,26 +220,69 @@ def plot_roc(path: str, cohort, records: list[dict], head: str) -> None:
   plt.close(fig)
 
 
+def gallery_slides(labels: np.ndarray, probs, n: int) -> list[int]:
+  """Which held-out slides a fold's gallery shows: half positive, half
+  negative (the top cells of a slide called negative are worth seeing too),
+  filled from the other class when one runs short; each class by decreasing
+  probability.
+
+  Example:
+    >>> gallery_slides(np.array([[1.], [0.], [1.], [0.]]), [[.6], [.1], [.9], [.7]], 2)
+    [2, 3]
+  """
+  p = np.max(np.asarray(probs, float).reshape(len(labels), -1), axis=1)
+  pos = np.nan_to_num(np.asarray(labels, float)).max(axis=1) == 1
+  by_p = lambda idx: sorted(idx, key=lambda j: -p[j])  # noqa: E731
+  pos_idx, neg_idx = by_p(np.flatnonzero(pos)), by_p(np.flatnonzero(~pos))
+  k_pos = min(len(pos_idx), max((n + 1) // 2, n - len(neg_idx)))
+  k_neg = min(len(neg_idx), n - k_pos)
+  return [int(j) for j in pos_idx[:k_pos] + neg_idx[:k_neg]]
+
+
 def plot_galleries(out_dir: str, cohort, records: list[dict], head: str, per_fold: int,
                    top: int = 8) -> None:
-  """Top-attention cells of held-out slides (positives first), one PNG per fold."""
+  """Top-attention cells of held-out slides, positive and negative ones
+  (:func:`gallery_slides`), one PNG per fold; each row says the predicted
+  class, the probability and the threshold. Red frames and their legend only
+  where the cohort has witness labels."""
   os.makedirs(out_dir, exist_ok=True)
   index = {s: i for i, s in enumerate(cohort.slide_ids)}
   for r in records:
-    order = sorted(range(len(r["test_slides"])),
-                   key=lambda j: -np.nan_to_num(cohort.labels[index[r["test_slides"][j]]]).max())
-    show = order[:per_fold]
+    h = r["heads"][head]
+    test = [index[s] for s in r["test_slides"]]
+    show = gallery_slides(cohort.labels[test], h["prob"], per_fold)
     if not show:
       continue
-    slides = [index[r["test_slides"][j]] for j in show]
-    att = [np.asarray(r["heads"][head]["attention"][j]) for j in show]
+    slides = [test[j] for j in show]
+    att = [np.asarray(h["attention"][j]) for j in show]
     images = [cohort.images[cohort.cells[i]] for i in slides]
-    witness = [cohort.witness[i] if cohort.witness is not None else np.zeros(len(a), bool)
-               for i, a in zip(slides, att)]
-    titles = [f"{cohort.slide_ids[i]}\nlabel {cohort.labels[i].astype(int).tolist()} "
-              f"p={max(r['heads'][head]['prob'][j]):.2f}" for i, j in zip(slides, show)]
-    report.plot_attention(os.path.join(out_dir, f"{r['method']}_{r['fold']}.png"), images, att,
-                          witness, titles, top=top)
+    witness = ([cohort.witness[i] for i in slides] if cohort.witness is not None
+               else None)
+    titles = [report.slide_call(cohort.slide_ids[i], h["prob"][j], h["thresholds"],
+                                cohort.task_names, cohort.labels[i])
+              for i, j in zip(slides, show)]
+    report.plot_attention(
+        os.path.join(out_dir, f"{r['method']}_{r['fold']}.png"), images, att, witness,
+        titles, top=top,
+        title=f"Held-out slides of {r['fold']} ({r['method']}, {head}): top-attention cells")
+
+
+def final_collapse_line(cfg, final_dir: str) -> str | None:
+  """One line when the final model's pretraining was flagged as collapsed
+  (results.md, and predict's report and console); None otherwise."""
+  c = collapse_summary(cfg, final_dir)
+  state = collapse.end_state(c)
+  if state is None:
+    return None
+  detail = (f"final spread {c.get('final_spread', float('nan')):.3f}, NT-Xent "
+            f"{c.get('final_ntxent', float('nan')):.3f} vs log(2B-1) = "
+            f"{c.get('ntxent_uniform', float('nan')):.3f}; `final/pretrain_collapse.json`")
+  if state == "end":
+    return (f"**Warning: the final model's pretraining ended collapsed** ({detail}): its "
+            "embeddings carry little information about the cells, and so do its "
+            "predictions.")
+  return ("Note: the final model's pretraining was flagged as collapsed but ended past "
+          f"both thresholds ({detail}).")
 
 
 def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dict,
@@ -282,6 +325,9 @@ def write_cv_report(cfg, cohort, folds, records: dict, workdir: str, timing: dic
     md += [f"**Warning: pretraining collapsed the projection in {len(collapsed)} fold "
            "run(s)** (marked above); their embeddings carry little information. "
            "See docs/slides.md for the variants that avoid it.", ""]
+  final_line = (final_collapse_line(cfg, os.path.join(workdir, "final"))
+                if cfg.eval.final_model else None)
+  md += [final_line, ""] if final_line else []
   fr = results["per_fold"]
   md += ["## Per fold", "", report.markdown_table(fr, list(fr[0])), "",
          "Files: `oof_predictions.csv` (out-of-fold predictions), `roc.png`, "

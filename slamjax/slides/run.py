@@ -8,8 +8,11 @@ For every fold (patient-grouped, stratified; :mod:`slamjax.slides.folds`):
 pretrain on the fold's training slides, embed, train the MIL heads, choose
 epochs and thresholds by inner cross-validation on the training slides and
 score the held-out slides. A finished
-fold is recorded atomically in ``folds/<fold>/record.json``; a killed run
-resumes at the fold (and, inside it, at the checkpoint) where it stopped.
+fold is recorded atomically in ``folds/<method>/<fold>/record.json``; a killed
+run resumes at the fold (and, inside it, at the checkpoint) where it stopped.
+A rerun resumes only a workdir whose ``fingerprint.json`` (config and data,
+:mod:`slamjax.workdir`) matches; any other stops before any work and names
+what differs.
 ``eval.baselines`` repeats the folds with other encoders and runs
 slide-feature baselines on them (:mod:`slamjax.slides.baselines`);
 ``eval.final_model`` then trains on every labelled slide
@@ -29,6 +32,7 @@ import numpy as np
 from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import sharding
+from slamjax import workdir as workdir_lib
 from slamjax.data import slides as slides_lib
 from slamjax.models import pretrained
 from slamjax.slides import baselines
@@ -37,11 +41,11 @@ from slamjax.slides import folds as folds_lib
 from slamjax.slides import report
 from slamjax.slides import slide_features
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+def _read_record(path: str, fp_id: str) -> dict:
+  with open(path) as f:
+    rec = json.load(f)
+  workdir_lib.check_record(path, rec, fp_id)
+  return rec
 
 
 def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
@@ -70,8 +74,10 @@ def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
   return rec
 
 
-def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict]:
-  """Every fold of one encoder method; finished folds are read back, not rerun."""
+def run_method(cfg, cohort, folds, method: str, workdir: str, mesh,
+               fp_id: str | None = None) -> list[dict]:
+  """Every fold of one encoder method; finished folds are read back, not rerun
+  (``fp_id``: the run's fingerprint, stored in and checked against records)."""
   c = baselines.method_config(cfg, method)
   unlabeled = np.flatnonzero(~cohort.labelled())
   records = []
@@ -79,8 +85,7 @@ def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict
     fold_dir = os.path.join(workdir, method, fold["name"])
     path = os.path.join(fold_dir, "record.json")
     if os.path.exists(path):
-      with open(path) as f:
-        records.append(json.load(f))
+      records.append(_read_record(path, fp_id))
       print(f"slides: {method} {fold['name']}: recorded, skipped", flush=True)
       continue
     print(f"slides: {method} {fold['name']} ({i + 1}/{len(folds)}): "
@@ -91,20 +96,21 @@ def run_method(cfg, cohort, folds, method: str, workdir: str, mesh) -> list[dict
     result = fold_run.train_model(c, cohort, fold["train"], predict, fold_dir, mesh)
     result["collapse"] = report.collapse_summary(c, fold_dir)
     rec = fold_record(cohort, fold, result, method)
+    rec["fingerprint"] = fp_id
     if distributed.is_main_process():
-      _write_json_atomic(path, rec)
+      workdir_lib.write_json(path, rec)
     records.append(rec)
   return records
 
 
-def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats) -> list[dict]:
+def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats,
+                       fp_id: str | None = None) -> list[dict]:
   """Every fold of a slide-feature baseline (a logistic regression; seconds)."""
   records = []
   for fold in folds:
     path = os.path.join(workdir, method, fold["name"], "record.json")
     if os.path.exists(path):
-      with open(path) as f:
-        records.append(json.load(f))
+      records.append(_read_record(path, fp_id))
       continue
     x = baselines.features(cohort, method, os.path.join(workdir, "slam_ags", fold["name"]),
                            stats)
@@ -112,12 +118,31 @@ def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats) -> 
     result = {"outputs": {"logreg": {"test": {"prob": out["prob"]}}},
               "thresholds": {"logreg": out["thresholds"]}, "timing_s": out["timing_s"]}
     rec = fold_record(cohort, fold, result, method)
+    rec["fingerprint"] = fp_id
     if distributed.is_main_process():
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      _write_json_atomic(path, rec)
+      workdir_lib.write_json(path, rec)
     records.append(rec)
   print(f"slides: {method}: {len(folds)} fold(s) done", flush=True)
   return records
+
+
+def write_final_records(cfg, cohort, train_all, final_dir: str, fp: dict, digests) -> None:
+  """What predict checks and reports beside the model: the config, the run's
+  fingerprint, the pixel hashes of every cell the model saw, and (last, as
+  the mark of a finished model) ``complete.json``."""
+  seen = list(train_all)
+  unlabeled = np.flatnonzero(~cohort.labelled())
+  if cfg.eval.unlabeled_in_pretraining:
+    seen += list(unlabeled)
+  cells = np.concatenate([cohort.cells[i] for i in seen])
+  np.save(os.path.join(final_dir, workdir_lib.TRAINING_CELLS), np.unique(digests[cells]))
+  workdir_lib.write_config(final_dir, cfg)
+  workdir_lib.write_json(os.path.join(final_dir, workdir_lib.FINGERPRINT), fp)
+  workdir_lib.write_json(os.path.join(final_dir, workdir_lib.COMPLETE), {
+      "num_training_slides": int(len(train_all)), "task_names": list(cohort.task_names),
+      "fingerprint": fp["id"],
+      "training_slides": [cohort.slide_ids[i] for i in train_all],
+      "pretraining_only_slides": [cohort.slide_ids[i] for i in seen[len(train_all):]]})
 
 
 def run_slides(cfg, workdir: str) -> dict:
@@ -125,13 +150,15 @@ def run_slides(cfg, workdir: str) -> dict:
   config_lib.validate(cfg)
   pretrained.check(cfg)  # a bad model.init_from fails before any data is decoded
   t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+  # A workdir holding another run's results: config differences stop here,
+  # before any data is decoded; data differences once the cohort is loaded.
+  claim = workdir_lib.Run(workdir, cfg, workdir_lib.OUTPUTS["slides"])
   timing = {}
   t0 = time.perf_counter()
   cohort = slides_lib.load_cohort(cfg.data)
+  digests = workdir_lib.cell_digests(cohort.images)
+  fp = claim.commit(workdir_lib.slides_data(cohort, digests),
+                    write=distributed.is_main_process())
   folds = folds_lib.cohort_folds(cohort, cfg.eval.folds, cfg.seed)
   timing["data"] = time.perf_counter() - t0
   print(f"slides: {cohort.summary()}", flush=True)
@@ -144,7 +171,7 @@ def run_slides(cfg, workdir: str) -> dict:
   for method in ("slam_ags", *[b for b in requested if b in baselines.ENCODERS]):
     t0 = time.perf_counter()
     records[method] = run_method(cfg, cohort, folds, method,
-                                 os.path.join(workdir, "folds"), mesh)
+                                 os.path.join(workdir, "folds"), mesh, fp["id"])
     timing[f"cv_{method}"] = time.perf_counter() - t0
   stats = None
   for method in [b for b in requested if b in baselines.SLIDE_FEATURES]:
@@ -152,7 +179,7 @@ def run_slides(cfg, workdir: str) -> dict:
     if method == "pixel_stats" and stats is None:
       stats = slide_features.cell_stats(cohort.images)
     records[method] = run_slide_baseline(cfg, cohort, folds, method,
-                                         os.path.join(workdir, "folds"), stats)
+                                         os.path.join(workdir, "folds"), stats, fp["id"])
     timing[f"cv_{method}"] = time.perf_counter() - t0
 
   if cfg.eval.final_model:
@@ -165,11 +192,7 @@ def run_slides(cfg, workdir: str) -> dict:
                                   {"unlabeled": unlabeled} if len(unlabeled) else {},
                                   final_dir, mesh)
     if distributed.is_main_process():
-      with open(os.path.join(final_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-      _write_json_atomic(os.path.join(final_dir, "complete.json"),
-                         {"num_training_slides": int(len(train_all)),
-                          "task_names": list(cohort.task_names)})
+      write_final_records(cfg, cohort, train_all, final_dir, fp, digests)
       if len(unlabeled):
         report.write_predictions(
             os.path.join(workdir, "unlabeled_predictions.csv"),

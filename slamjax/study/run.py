@@ -10,7 +10,10 @@ both feature types, probe AUCs and test-cell scores, embedding spread,
 pretraining history, collapse summary) goes to
 ``study.results_dir/runs/<run id>.json``, written atomically, and the tables
 and plots are rebuilt (:mod:`slamjax.study.report`). Rerunning the command
-skips recorded runs and resumes an interrupted one from its checkpoints.
+skips recorded runs and resumes an interrupted one from its checkpoints, when
+the results folder's ``fingerprint.json`` (config and data files,
+:mod:`slamjax.workdir`) matches; adding methods, witness rates or seeds
+keeps it. Otherwise the study stops before any work and names what differs.
 
 Example::
 
@@ -118,15 +121,24 @@ def _record_path(out_dir: str, rid: str) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"  # atomic: a killed run leaves no record
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  from slamjax import workdir as workdir_lib
+  workdir_lib.write_text(path, text)  # atomic: a killed run leaves no record
 
 
 def _write_json(path: str, obj) -> None:
   _write_text(path, json.dumps(obj, separators=(",", ":")))
+
+
+def _claim(cfg, workdir: str, out_dir: str, write: bool) -> None:
+  """The study's fingerprint, in its results folder beside the records it
+  protects; on resume=overwrite the records and the run folders go. Only
+  shard 0 writes (as for study_config.json); other shards check."""
+  from slamjax import workdir as workdir_lib
+  outputs = workdir_lib.OUTPUTS["study"] + (os.path.join(os.path.abspath(workdir), "seed*"),)
+  claim = workdir_lib.Run(out_dir, cfg, outputs)
+  data = (workdir_lib.files_data(cfg.data.root)
+          if cfg.data.source != "synthetic" and cfg.data.root else None)
+  claim.commit(data, write=write)
 
 
 def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
@@ -187,8 +199,9 @@ def run_study(cfg, workdir: str) -> list[dict]:
   from slamjax.study import report
   from slamjax import config as config_lib
   out_dir = cfg.study.results_dir or os.path.join(workdir, "results")
-  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
   shard, num_shards = config_lib.parse_shard(cfg.study.shard)
+  _claim(cfg, workdir, out_dir, write=shard == 0)
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
   if shard == 0:  # the study's config, the same for every shard
     whole = cfg.to_dict()
     whole["study"]["shard"] = ""
@@ -202,6 +215,7 @@ def run_study(cfg, workdir: str) -> list[dict]:
   t_start = time.perf_counter()
   for i, (rid, c) in enumerate(todo):
     print(f"study: run {i + 1}/{len(todo)} {rid}", flush=True)
+    c.resume = "auto"  # an overwrite was done above, for the whole study
     rec = run_one(rid, c, os.path.join(workdir, rid), cfg.study)
     _write_json(_record_path(out_dir, rid), rec)
     report.write_report(out_dir, cfg)
