@@ -6,6 +6,7 @@ differ in one choice each (same folds, same embeddings):
 
 * ``as run``: the run's own config;
 * ``no slide features``: ``mil.slide_features=()``;
+* ``cell count only``: ``mil.slide_features=("log_count",)``;
 * ``no class balance``: ``mil.class_balance=False`` (with ``--all``: it
   trains every head again);
 * ``slide features alone``: the fusion's logistic regression without the
@@ -65,6 +66,7 @@ def main():
   # Variants that change only what follows the heads reuse the run's own
   # inner-CV records and heads (fold folder), so they cost seconds.
   variants = {"as run": {}, "no slide features": {"slide_features": ()},
+              "cell count only": {"slide_features": ("log_count",)},
               "slide features alone": "features", "training thresholds": None}
   if args.all:
     variants["no class balance"] = {"class_balance": False}

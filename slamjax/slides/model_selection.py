@@ -7,8 +7,8 @@ splits a fold's training slides. Each head is trained on the inner training
 slides and scores the inner held-out ones at a few epoch counts (the
 snapshots of one run, so this costs one run per inner fold); the count with
 the lowest out-of-fold BCE wins and the head is retrained on all training
-slides for that many epochs. With ``mil.slide_features`` a regularised
-logistic regression fuses the head's out-of-fold logit with those features.
+slides for that many epochs. With ``mil.slide_features`` the head's
+out-of-fold logit is fused with those features by stacking (:class:`Fusion`).
 The threshold maximises Youden's J on the out-of-fold probabilities of the
 final predictor, never on the fitted model's own training predictions, which
 are near 0 and 1 once a head fits its training bags.
@@ -33,10 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
+from slamjax.config.validate import names as names_of
 from slamjax.data import slides as slides_lib
 from slamjax.mil import multihead
 from slamjax.mil import train as mil_train
 from slamjax.slides import folds as folds_lib
+from slamjax.slides import slide_features
 
 # Candidate epoch counts, as fractions of mil.epochs.
 EPOCH_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -161,6 +163,57 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> LogReg:
   return model
 
 
+@dataclasses.dataclass
+class Fusion:
+  """Stacked fusion of a head's logit with slide features, for one task.
+
+  A block of several features (``pixel_stats``) is first reduced to the
+  logit of its own logistic regression, whose training-slide values are
+  out-of-fold; a single feature (``log_count``) enters as it is. A small
+  logistic regression (``meta``) then combines the head's logit with these
+  few inputs, so a wide, noisy block cannot drown the head. Its threshold
+  and out-of-fold probabilities give the fused model's.
+  """
+  blocks: list  # per feature block: (start, stop, LogReg or None)
+  meta: LogReg
+
+  def inputs(self, head_prob: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    cols = [logit(head_prob)[:, None]]
+    for a, b, red in self.blocks:
+      cols.append(feats[:, a:b] if red is None else logit(red.predict(feats[:, a:b]))[:, None])
+    return np.concatenate(cols, 1)
+
+  def predict(self, head_prob: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return self.meta.predict(self.inputs(head_prob, feats))
+
+  def to_json(self) -> dict:
+    return {"blocks": [[a, b, None if r is None else r.to_json()] for a, b, r in self.blocks],
+            "meta": self.meta.to_json()}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Fusion":
+    return cls([(a, b, None if r is None else LogReg.from_json(r)) for a, b, r in d["blocks"]],
+               LogReg.from_json(d["meta"]))
+
+
+def fit_fusion(head_oof: np.ndarray, feats: np.ndarray, widths: Sequence[int],
+               y: np.ndarray, folds: np.ndarray) -> Fusion:
+  """A :class:`Fusion` of one task from the head's out-of-fold probabilities
+  ``head_oof`` [n] and ``feats`` [n, sum(widths)] on the training slides."""
+  blocks, cols, a = [], [logit(head_oof)[:, None]], 0
+  for w in widths:
+    x = feats[:, a:a + w]
+    if w == 1:
+      blocks.append((a, a + w, None))
+      cols.append(x)
+    else:
+      red = fit_logreg(x, y, folds)
+      blocks.append((a, a + w, red))
+      cols.append(logit(red.oof)[:, None])
+    a += w
+  return Fusion(blocks, fit_logreg(np.concatenate(cols, 1), y, folds))
+
+
 def epoch_candidates(mil_cfg) -> tuple[int, ...]:
   """Epoch counts compared by the inner folds; only ``mil.epochs`` itself
   when a schedule or AEM decay makes shorter runs differ from snapshots."""
@@ -216,7 +269,7 @@ class HeadFit:
   inner_bce: dict  # epochs -> out-of-fold BCE
   state: object
   cfg: object
-  fusion: list | None  # per task: LogReg on [logit, slide features], or None
+  fusion: list | None  # per task: a Fusion with the slide features, or None
   thresholds: list  # per task
   final_oof: np.ndarray  # [n_train, T]: the out-of-fold probabilities thresholds came from
 
@@ -249,13 +302,13 @@ def fit_heads(cfg, emb: Sequence[np.ndarray], y: np.ndarray, patients, workdir: 
                           os.path.join(workdir, f"mil_{name}"), cfg.seed, verbose)
     fusion, thresholds, final_oof = None, [], oof[best].copy()
     if feats is not None and feats.shape[1]:
+      widths = slide_features.widths(names_of(cfg.mil.slide_features))
       fusion = []
       for t in range(y.shape[1]):
-        lr = fit_logreg(np.concatenate([logit(oof[best][:, t:t + 1]), feats], 1),
-                        y[:, t], folds)
-        fusion.append(lr)
-        thresholds.append(lr.threshold)
-        final_oof[:, t] = lr.oof
+        fu = fit_fusion(oof[best][:, t], feats, widths, y[:, t], folds)
+        fusion.append(fu)
+        thresholds.append(fu.meta.threshold)
+        final_oof[:, t] = fu.meta.oof
     else:
       thresholds = [choose_threshold(y[:, t], oof[best][:, t]) for t in range(y.shape[1])]
     if verbose:
@@ -273,8 +326,8 @@ def predict_head(fit_or_cfg, state, bags, feats: np.ndarray | None, fusion) -> d
   ``feats`` when the head was fitted with slide features."""
   out = mil_train.predict(fit_or_cfg, state, bags)
   if fusion:
-    prob = np.stack([lr.predict(np.concatenate([logit(out["prob"][:, t:t + 1]), feats], 1))
-                     for t, lr in enumerate(fusion)], 1).astype(np.float32)
+    prob = np.stack([fu.predict(out["prob"][:, t], feats) for t, fu in enumerate(fusion)],
+                    1).astype(np.float32)
     out = dict(out, mil_prob=out["prob"], prob=prob)
   return out
 
@@ -295,6 +348,6 @@ def load_fitted(cfg, workdir: str, info: dict, bags) -> list[tuple]:
     # The checkpoint is complete, so fit() restores it without training.
     st = mil_train.fit(c, bags, _labels_for_mil(dummy), os.path.join(workdir, f"mil_{name}"),
                        cfg.seed, verbose=False)
-    fusion = [LogReg.from_json(d) for d in info.get("fusion", {}).get(name, [])] or None
+    fusion = [Fusion.from_json(d) for d in info.get("fusion", {}).get(name, [])] or None
     out.append((name, c, st, fusion))
   return out

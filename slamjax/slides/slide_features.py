@@ -45,6 +45,15 @@ def _otsu(grey: np.ndarray) -> np.ndarray:
   return (np.argmax(between, 1) + 1) / _OTSU_BINS
 
 
+def widths(features: Sequence[str]) -> list[int]:
+  """Columns of each named feature block in :func:`slide_matrix`.
+
+  >>> widths(("log_count", "pixel_stats"))
+  [1, 84]
+  """
+  return [1 if f == "log_count" else 4 * CELL_STATS for f in features]
+
+
 def cell_stats(images: np.ndarray) -> np.ndarray:
   """float32 [N, 21] statistics of uint8 cell images [N, S, S, 3]."""
   out = np.empty((len(images), CELL_STATS), np.float32)

@@ -84,7 +84,7 @@ def test_fusion_uses_slide_features_the_bags_hide(tmp_path):
   feats = (y + rng.normal(0, 0.3, y.shape)).astype(np.float32)  # the slide-level signal
   cfg = _cfg(("log_count",))
   (f,) = ms.fit_heads(cfg, bags, y, None, str(tmp_path), feats, verbose=False)
-  assert f.fusion is not None and abs(f.fusion[0].coef[1]) > abs(f.fusion[0].coef[0])
+  assert f.fusion is not None and abs(f.fusion[0].meta.coef[1]) > abs(f.fusion[0].meta.coef[0])
   test, y_test = _bags(36, np.random.default_rng(1), 0.0)
   feats_test = (y_test + np.random.default_rng(2).normal(0, 0.3, y_test.shape)).astype(
       np.float32)
@@ -104,3 +104,20 @@ def test_epoch_candidates_only_where_snapshots_equal_shorter_runs():
   assert ms.epoch_candidates(c) == (5, 10, 20, 30, 40)
   c.schedule = "cosine"
   assert ms.epoch_candidates(c) == (40,)
+
+
+def test_stacking_reduces_a_wide_block_to_one_score():
+  rng = np.random.default_rng(0)
+  y = np.array([0, 0, 1] * 20)
+  head = 1 / (1 + np.exp(-(2 * y - 1 + rng.normal(0, 1.0, 60))))
+  wide = rng.normal(size=(60, 40))  # noise, 40 columns
+  wide[:, 0] += y  # one weak signal column
+  count = (y + rng.normal(0, 1.0, 60))[:, None]
+  feats = np.concatenate([count, wide], 1)
+  folds = ms.inner_folds(y[:, None], None, 5, seed=0)
+  fu = ms.fit_fusion(head, feats, [1, 40], y, folds)
+  assert fu.meta.coef.shape == (3,)  # head logit, count, the wide block's score
+  assert fu.blocks[0][2] is None and fu.blocks[1][2].coef.shape == (40,)
+  again = ms.Fusion.from_json(fu.to_json())
+  np.testing.assert_allclose(again.predict(head, feats), fu.predict(head, feats))
+  assert fu.meta.threshold == ms.choose_threshold(y, fu.meta.oof)

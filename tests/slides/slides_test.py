@@ -120,7 +120,9 @@ def test_readme_commands_cross_validate_and_predict(tmp_path):
   assert "## Against the baselines (same folds)" in r.stdout
   model_json = json.loads(pathlib.Path(os.path.join(wd, "final", "model.json")).read_text())
   assert model_json["slide_features"] == ["log_count", "pixel_stats"]
-  assert len(model_json["fusion"]["abmil"][0]["coef"]) == 1 + 1 + 84  # logit, count, stats
+  fusion = model_json["fusion"]["abmil"][0]
+  assert len(fusion["meta"]["coef"]) == 3  # head logit, log count, pixel-statistics score
+  assert len(fusion["blocks"][1][2]["coef"]) == 84
   labelled = [r for r in _rows(os.path.join(cohort, "slides.csv")) if r["label"] != ""]
   oof = _rows(os.path.join(wd, "oof_predictions.csv"))
   assert sorted(r["slide_id"] for r in oof) == sorted(r["slide_id"] for r in labelled)
