@@ -202,9 +202,8 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
     thr = info["thresholds"][head]
     report.plot_attention(
         os.path.join(out, "galleries", f"{sid}.png"), [cohort.images[cohort.cells[j]]], [a],
-        [np.zeros(len(a), bool)],
-        [f"{sid}\n" + ", ".join(f"{t} p={p[i]:.2f}" for i, t in enumerate(tasks))],
-        top=min(k, len(a)))
+        None, [report.slide_call(sid, p, thr, tasks, cohort.labels[j])], top=min(k, len(a)),
+        title=f"Top-attention cells of {sid} ({head})")
     rows.append({"slide": sid, "cells": len(a),
                  **{f"p({t})": f"{p[i]:.3f}" for i, t in enumerate(tasks)},
                  **{f"predicted {t}": "positive" if p[i] >= thr[i] else "negative"

@@ -31,6 +31,7 @@ import numpy as np
 
 from slamjax import config as config_lib
 from slamjax import distributed
+from slamjax import progress as progress_lib
 from slamjax import sharding
 from slamjax import workdir as workdir_lib
 from slamjax.data import slides as slides_lib
@@ -75,21 +76,27 @@ def fold_record(cohort, fold: dict, result: dict, method: str) -> dict:
 
 
 def run_method(cfg, cohort, folds, method: str, workdir: str, mesh,
-               fp_id: str | None = None) -> list[dict]:
+               fp_id: str | None = None, overall=None) -> list[dict]:
   """Every fold of one encoder method; finished folds are read back, not rerun
   (``fp_id``: the run's fingerprint, stored in and checked against records)."""
   c = baselines.method_config(cfg, method)
   unlabeled = np.flatnonzero(~cohort.labelled())
   records = []
-  for i, fold in enumerate(folds):
+  for fold in folds:
     fold_dir = os.path.join(workdir, method, fold["name"])
     path = os.path.join(fold_dir, "record.json")
     if os.path.exists(path):
       records.append(_read_record(path, fp_id))
       print(f"slides: {method} {fold['name']}: recorded, skipped", flush=True)
+      if overall:
+        overall.skip()
       continue
-    print(f"slides: {method} {fold['name']} ({i + 1}/{len(folds)}): "
-          f"{len(fold['train'])} training, {len(fold['test'])} held-out slides", flush=True)
+    detail = (f"{method} {fold['name']}: {len(fold['train'])} training, "
+              f"{len(fold['test'])} held-out slides")
+    if overall:
+      overall.start(detail)
+    else:
+      print(f"slides: {detail}", flush=True)
     predict = {"test": fold["test"]}
     if len(unlabeled):
       predict["unlabeled"] = unlabeled
@@ -168,10 +175,13 @@ def run_slides(cfg, workdir: str) -> dict:
 
   records = {}
   requested = config_lib.names(cfg.eval.baselines)
-  for method in ("slam_ags", *[b for b in requested if b in baselines.ENCODERS]):
+  methods = ("slam_ags", *[b for b in requested if b in baselines.ENCODERS])
+  overall = progress_lib.RunProgress(len(methods) * len(folds),
+                                     final=bool(cfg.eval.final_model))
+  for method in methods:
     t0 = time.perf_counter()
     records[method] = run_method(cfg, cohort, folds, method,
-                                 os.path.join(workdir, "folds"), mesh, fp["id"])
+                                 os.path.join(workdir, "folds"), mesh, fp["id"], overall)
     timing[f"cv_{method}"] = time.perf_counter() - t0
   stats = None
   for method in [b for b in requested if b in baselines.SLIDE_FEATURES]:
@@ -188,9 +198,11 @@ def run_slides(cfg, workdir: str) -> dict:
     folds_lib.check_training_slides(cohort, train_all, "the final model")
     final_dir = os.path.join(workdir, "final")
     unlabeled = np.flatnonzero(~cohort.labelled())
+    overall.start_final(f"training on all {len(train_all)} labelled slides")
     result = fold_run.train_model(cfg, cohort, train_all,
                                   {"unlabeled": unlabeled} if len(unlabeled) else {},
                                   final_dir, mesh)
+    overall.done()
     if distributed.is_main_process():
       write_final_records(cfg, cohort, train_all, final_dir, fp, digests)
       if len(unlabeled):
