@@ -87,8 +87,8 @@ def main():
         names = cfg.mil.slide_features or ("log_count", "pixel_stats")
         c.mil.slide_features = names
         feats = fold_run.slide_feature_sets(c, cohort, sets)
-        lr = ms.fit_logreg(feats["train"], y_tr[:, 0], ms.inner_folds(
-            y_tr, patients, c.eval.inner_folds, c.seed + 17))
+        lr = ms.fit_logreg(feats["train"], y_tr[:, 0], ms.run_inner_folds(
+            y_tr, patients, c.eval.inner_folds, c.seed))
         p, thr = lr.predict(feats["test"]), lr.threshold
       elif over is None:
         head_cfg = multihead.head_config(c.mil, multihead.head_names(c.mil)[0])

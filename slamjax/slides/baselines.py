@@ -77,8 +77,8 @@ def run_fold(cohort, fold: dict, method: str, x: np.ndarray, seed: int,
   t0 = time.perf_counter()
   tr, te = fold["train"], fold["test"]
   y = cohort.labels[tr]
-  folds = model_selection.inner_folds(y, [cohort.patient_ids[i] for i in tr], inner_k,
-                                      seed + 17, f"{method} {fold['name']}")
+  folds = model_selection.run_inner_folds(y, [cohort.patient_ids[i] for i in tr], inner_k,
+                                          seed, f"{method} {fold['name']}")
   probs, thresholds = [], []
   for t in range(y.shape[1]):
     lr = model_selection.fit_logreg(x[tr], y[:, t], folds)

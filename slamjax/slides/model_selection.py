@@ -64,6 +64,14 @@ def inner_folds(labels: np.ndarray, patients: Sequence[str] | None, k: int, seed
         "(config.eval.folds), or add labelled slides.") from None
 
 
+def run_inner_folds(labels: np.ndarray, patients, k: int, run_seed: int,
+                    where: str = "the training slides") -> np.ndarray:
+  """The inner folds every model of a run uses on the same training slides
+  (heads, fusion and slide-feature baselines alike): :func:`inner_folds`
+  seeded from the run's ``config.seed``."""
+  return inner_folds(labels, patients, k, run_seed + 17, where)
+
+
 def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
   """The cut maximising Youden's J, placed midway between the last score
   called positive and the next one below (0.5 for a single class).
@@ -283,7 +291,7 @@ def fit_heads(cfg, emb: Sequence[np.ndarray], y: np.ndarray, patients, workdir: 
   ``workdir/inner/<k>/``, resumable)."""
   y = np.asarray(y, np.float32)
   k = int(cfg.eval.inner_folds)
-  folds = inner_folds(y, patients, k, cfg.seed + 17, where)
+  folds = run_inner_folds(y, patients, k, cfg.seed, where)
   fits = []
   for name in multihead.head_names(cfg.mil):
     head_cfg = multihead.head_config(cfg.mil, name)
