@@ -152,6 +152,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.checkpoint_every_steps = 50
   c.pretrain.log_every_steps = 20  # each line: the mean over these steps
 
+  # Pseudo-label contrastive stage after pretraining (ItS2CLR-style,
+  # slamjax/pseudo_label.py); rounds=0 = off. Each round scores the training
+  # cells by negative-reference novelty, labels the top fractions[r] of every
+  # positive bag's cells (at least one) positive, and fine-tunes the encoder
+  # with a supervised-contrastive loss whose only class that pulls together
+  # is the pseudo-positives (every other cell keeps SimCLR's own-view pair).
+  c.pseudo = ml_collections.ConfigDict()
+  c.pseudo.rounds = 0
+  c.pseudo.steps_per_round = 100
+  c.pseudo.fractions = (0.005, 0.01, 0.02)  # per round; the last repeats
+  c.pseudo.positive_share = 0.25  # of each batch: pseudo-positive cells
+  c.pseudo.lr = 0.01
+  c.pseudo.knn_k = 10  # neighbours of the negative-reference novelty
+  c.pseudo.checkpoint_every_steps = 50
+
   c.embed = ml_collections.ConfigDict()
   c.embed.batch_size = 256
   c.embed.output = "projection"  # or "backbone" (pooled ResNet features)
@@ -205,6 +220,14 @@ def get_config() -> ml_collections.ConfigDict:
       kd_reduction="kl_per_row",  # or "reference_mean"
       anchor="ema",  # or "frozen_random" (the released code)
       anchor_decay=0.999))
+  # Top-k MIL (Campanella et al. 2019): a cell classifier whose bag logit is
+  # the mean of its k highest cell logits; k=1 is the paper's max rule.
+  c.mil.topk = ml_collections.ConfigDict(dict(k=1))
+  # Negative-reference scoring (non-parametric): a cell's novelty is one
+  # minus its mean cosine similarity to its k nearest negative-bag cells;
+  # the bag score is the largest novelty, calibrated to a probability by a
+  # logistic regression on the training bags (slamjax/mil/negref.py).
+  c.mil.negref = ml_collections.ConfigDict(dict(k=10, bank_size=16384))
   c.mil.mecds = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=8, top_p=0.5,
       instance_attention="full",  # or "none" (no N x N; for huge bags)

@@ -160,6 +160,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("augment.policy", cfg.augment.policy, augment.POLICIES)
   for name in names(cfg.mil.slide_features):
     _choice("mil.slide_features", name, slide_features.FEATURES)
+  ps = cfg.pseudo
+  _range("pseudo.rounds", ps.rounds, 0, inf, integer=True)
+  if ps.rounds:
+    _range("pseudo.steps_per_round", ps.steps_per_round, 1, inf, integer=True)
+    _range("pseudo.positive_share", ps.positive_share, 0, 1, lo_open=True, hi_open=True)
+    _range("pseudo.lr", ps.lr, 0, inf, lo_open=True)
+    _range("pseudo.knn_k", ps.knn_k, 1, inf, integer=True)
+    _range("pseudo.checkpoint_every_steps", ps.checkpoint_every_steps, 1, inf, integer=True)
+    if not len(ps.fractions):
+      raise ValueError("config.pseudo.fractions is empty; give one fraction per round, "
+                       "e.g. (0.005, 0.01, 0.02)")
+    for f in ps.fractions:
+      _range("pseudo.fractions", f, 0, 1, lo_open=True)
+    if cfg.runner not in ("pipeline", "study"):
+      raise ValueError(f"config.pseudo.rounds={ps.rounds}: the pseudo-label stage runs "
+                       f"in the pipeline and study runners, not {cfg.runner!r}; set "
+                       "pseudo.rounds=0")
+  if cfg.runner == "slides" and "negref" in names(cfg.mil.heads):
+    raise ValueError("config.mil.heads: 'negref' (non-parametric) runs in the pipeline, "
+                     "study and features runners, not in slides; choose another head")
   if cfg.runner == "slides":
     _range("eval.folds", cfg.eval.folds, 2, inf, integer=True)
   valid = baselines.NAMES if cfg.runner == "slides" else ("simclr", "random_init")
