@@ -34,6 +34,15 @@ Design (issue 18, item 2), sized for about 6 hours on this 2-core CPU:
 - Encoder-only: linear-probe and kNN (k=20, cosine) AUC, witness vs normal,
   fit on 600 + 600 train-split cells, scored on 600 + 600 held-out test-split
   cells, on backbone and projection features.
+
+Variant ``slide_labels`` (issue 27): the methods that use the slide labels
+beyond SLAM-AGS (top-k MIL, negative-reference scoring, pseudo-label
+SupCon), each on a SimCLR encoder, against SimCLR at 1, 0.5 and 0.2%
+(bags of 500 at 0.2%, so that a positive bag holds one witness). Its
+study copies this study's SimCLR records at 1% and 0.5% (``study.reuse_from``,
+checked to be the same configuration), so only the new rows are computed:
+
+  python -m slamjax.main --config configs/witness_study.py:slide_labels --workdir /tmp/slide_labels
 """
 
 import ml_collections
@@ -46,8 +55,9 @@ METHODS = ("random_init", "simclr", "slam_ags", "weaksupcon", "pcgrad",
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   quick = arg == "quick"
-  if arg not in (None, "", "quick"):
-    raise ValueError(f"configs/witness_study.py takes no argument or 'quick', got {arg!r}")
+  if arg not in (None, "", "quick", "slide_labels"):
+    raise ValueError("configs/witness_study.py takes no argument, 'quick' or "
+                     f"'slide_labels', got {arg!r}")
   c = config_lib.load("pbc_lymphocyte", "quick" if quick else None)
   c.runner = "study"
   c.data.image_size = 32 if quick else 48
@@ -80,4 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Relative to the current directory (run from the repository root); the
   # quick variant writes into the workdir instead ("" = workdir/results).
   s.results_dir = "" if quick else "docs/results/slam_variants"
+  if arg == "slide_labels":
+    s.methods = ("simclr", "topk", "negref", "its2clr")
+    s.witness_rates = (0.01, 0.005, 0.002)
+    s.results_dir = "docs/results/slide_label_methods"
+    s.reuse_from = "docs/results/slam_variants"
   return c

@@ -45,6 +45,34 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.07) -> jax.Arra
   return -jnp.mean(logp[jnp.arange(2 * n), partner])
 
 
+def pseudo_supcon(z1: jax.Array, z2: jax.Array, positive: jax.Array,
+                  temperature: float = 0.07) -> jax.Array:
+  """Supervised contrastive loss whose only pulling class is the pseudo-positives.
+
+  Over the 2B views, anchor i's positives are its partner view and, when
+  ``positive[i]``, every other view of a pseudo-positive cell; l_i is minus
+  the mean log-softmax (denominator: all views but i) over those positives.
+  Cells not pseudo-positive (negative-bag cells, unlabeled cells) keep only
+  their partner, as in NT-Xent: pulling all negatives together is what
+  collapses the published recipe. With no positive it equals :func:`nt_xent`.
+
+  >>> import jax.numpy as jnp
+  >>> z = jnp.eye(4)
+  >>> none = jnp.zeros(4, bool)
+  >>> bool(jnp.allclose(pseudo_supcon(z, z, none), nt_xent(z, z)))
+  True
+  """
+  z = _normalize(jnp.concatenate([z1, z2], axis=0))
+  n = z1.shape[0]
+  eye = jnp.eye(2 * n, dtype=bool)
+  logits = jnp.where(eye, -jnp.inf, z @ z.T / temperature)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  pos = jnp.concatenate([positive, positive]).astype(bool)
+  partner = jnp.roll(eye, n, axis=1)  # row i: view (i + n) mod 2n
+  pairs = (partner | (pos[:, None] & pos[None, :])) & ~eye
+  return -jnp.mean(jnp.sum(jnp.where(pairs, logp, 0.0), -1) / jnp.sum(pairs, -1))
+
+
 def similarity_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.07,
                     base_temperature: float = 0.07) -> jax.Array:
   """WeakSupCon similarity loss on slide-negative cells.

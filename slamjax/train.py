@@ -28,6 +28,7 @@ from slamjax import distributed
 from slamjax import embed
 from slamjax import evaluate
 from slamjax import pretrain as pretrain_lib
+from slamjax import pseudo_label
 from slamjax import progress
 from slamjax import report
 from slamjax import sharding
@@ -133,6 +134,10 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
     model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
     state = pretrain_lib.init_state(cfg, model, tx, mesh)
   timing["pretrain"] = time.perf_counter() - t0
+  if cfg.pseudo.rounds > 0:  # slide labels as pseudo-labels (issue 27)
+    t0 = time.perf_counter()
+    state = pseudo_label.finetune(cfg, pool, bags, workdir, mesh, model, state)
+    timing["pseudo"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   emb = {s: embed.embed_bags(cfg, model, state, pool, b, mesh) for s, b in bags.items()}

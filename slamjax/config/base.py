@@ -271,6 +271,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.study.knn_k = 20
   c.study.other_features = True  # also train the MIL heads on the other features
   c.study.bootstrap = 1000  # resamples of test bags for the tables' 95% CIs
+  # Another study's results folder whose records of this study's runs are
+  # copied instead of recomputed, when its study_config.json matches this
+  # config outside the study section ("" = none).
+  c.study.reuse_from = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # size of the data-parallel axis; -1 = all devices

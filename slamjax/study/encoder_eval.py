@@ -66,6 +66,9 @@ def restore_encoder(cfg, workdir: str, mesh):
       raise FileNotFoundError(f"no pretraining checkpoint in {workdir}")
     state = ckpt.restore(state)
     ckpt.close()
+  if cfg.pseudo.rounds > 0:
+    from slamjax import pseudo_label
+    state = pseudo_label.restore(cfg, workdir, state, mesh)
   return model, state
 
 

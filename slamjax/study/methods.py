@@ -31,12 +31,13 @@ class Method:
 
 
 _SLAM = {"task_weights": (1.0, 1.0), "surgery": "adaptive_pcgrad"}
+_SIMCLR = {"task_weights": (1.0, 0.0), "surgery": "sum"}
 
 METHODS: dict[str, Method] = {
     "random_init": Method("random init", "no pretraining (randomly initialised encoder)",
                           {"pretrain": {"epochs": 0}}),
     "simclr": Method("SimCLR", "SimCLR only, on positive-bag cells",
-                     {"pretrain": {"task_weights": (1.0, 0.0), "surgery": "sum"}}),
+                     {"pretrain": dict(_SIMCLR)}),
     "slam_ags": Method(
         "SLAM-AGS (published)",
         "SimCLR + similarity 1:1, shared projection head, adaptive PCGrad",
@@ -62,6 +63,19 @@ METHODS: dict[str, Method] = {
     "leaf": Method(
         "leaf surgery", "SLAM-AGS with adaptive PCGrad per parameter tensor",
         {"pretrain": {**_SLAM, "surgery_granularity": "leaf"}}, True),
+    # Issue 27: methods that use the slide labels beyond SLAM-AGS, each on a
+    # SimCLR encoder (one setting for every witness rate).
+    "topk": Method(
+        "top-k MIL", "SimCLR encoder; top-k MIL cell classifier (Campanella 2019, k=1)",
+        {"pretrain": dict(_SIMCLR), "mil": {"heads": ("topk",)}}),
+    "negref": Method(
+        "negative reference", "SimCLR encoder; cells scored by kNN novelty against "
+        "negative-bag cells, bag score = the most novel cell",
+        {"pretrain": dict(_SIMCLR), "mil": {"heads": ("negref",)}}),
+    "its2clr": Method(
+        "pseudo-label SupCon", "SimCLR, then 3 rounds of pseudo-label supervised "
+        "contrastive fine-tuning (negative-reference pseudo-labels, ItS2CLR-style); ABMIL",
+        {"pretrain": dict(_SIMCLR), "pseudo": {"rounds": 3}}),
     # Not in the main study (kept for configs that ask for it).
     "bag_label": Method(
         "bag label", "weakly supervised: cells trained on their bag's label",
@@ -89,6 +103,17 @@ def parse_run_id(rid: str) -> tuple[int, float, str]:
   return int(seed[4:]), float(wr[2:]), method
 
 
+def bag_size(base: int, witness_rate: float) -> int:
+  """``base``, or more where a positive bag of ``base`` cells would hold
+  less than one witness, so that every witness rate is realised (1 in 500
+  at 0.2%).
+
+  >>> bag_size(200, 0.005), bag_size(200, 0.002)
+  (200, 500)
+  """
+  return max(int(base), int(round(1.0 / witness_rate)))
+
+
 def run_configs(cfg) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   """(run id, pipeline config) of every run, in execution order.
 
@@ -109,4 +134,5 @@ def run_configs(cfg) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
         apply(c, METHODS[name].overrides)
         c.seed = int(seed)
         c.bags.witness_rate = float(wr)
+        c.bags.bag_size = bag_size(base.bags.bag_size, wr)
         yield run_id(name, wr, seed), c

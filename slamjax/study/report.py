@@ -86,7 +86,7 @@ class Stats:
   def _bag(self, r, feat, head, metric):
     key = ("bag", r["id"], feat, head, metric)
     if key not in self._cache:
-      m = (r.get("mil") or {}).get(feat, {}).get(head)
+      m = (r.get("mil") or {}).get(feat, {}).get(run_head(r, feat, head))
       if not m:
         self._cache[key] = None
       else:
@@ -109,6 +109,28 @@ class Stats:
         idx = resample_index(len(y), b, (r["seed"], 2))  # cells: per seed
         self._cache[key] = (float(auc_rows(y, s)[0]), auc_rows(y[idx], s[idx]))
     return self._cache[key]
+
+  def retrieval(self, method, rate, feat, head, key, ref=None) -> dict | None:
+    """Seed mean and std of a retrieval measure (``recall_at_k``,
+    ``average_precision``), or of its paired difference to ``ref``; runs
+    record only bag-level means, so there is no bootstrap CI."""
+    def get(m):
+      out = {}
+      for r in self.recs:
+        if r["method"] == m and r["witness_rate"] == rate:
+          h = (r.get("mil") or {}).get(feat, {}).get(run_head(r, feat, head))
+          if h and key in h.get("retrieval", {}):
+            out[r["seed"]] = float(h["retrieval"][key])
+      return out
+    a = get(method)
+    if ref is not None:
+      b = get(ref)
+      a = {s: a[s] - b[s] for s in set(a) & set(b)}
+    if not a:
+      return None
+    v = np.asarray(list(a.values()))
+    return {"mean": float(v.mean()), "n": len(v),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan")}
 
   def value(self, r, what: tuple):
     """(point, replicates) of ``what`` = ("bag", feat, head, metric) or
@@ -151,6 +173,32 @@ class Stats:
 
 
 # ------------------------------------------------------------------- helpers
+
+METHOD_HEAD = "method"  # "the head each method's runs read" (record field "head")
+
+
+def run_head(rec, feat: str, head: str) -> str:
+  """``head``, or with :data:`METHOD_HEAD` the head the run's method reads."""
+  if head != METHOD_HEAD:
+    return head
+  trained = (rec.get("mil") or {}).get(feat, {})
+  return rec.get("head") or ("abmil" if "abmil" in trained else next(iter(trained), ""))
+
+
+def _head_axis(heads) -> tuple[str, str]:
+  """(head key for Stats, its name in titles)."""
+  if len(heads) == 1:
+    return heads[0], heads[0]
+  return METHOD_HEAD, "each method's head"
+
+
+def _fmt_retrieval(c: dict | None, diff: bool = False) -> str:
+  if c is None:
+    return ""
+  s = f"{c['mean']:+.3f}" if diff else f"{c['mean']:.3f}"
+  if c["n"] > 1:
+    s += f" ± {c['std']:.3f}"
+  return s + (f" (n={c['n']})" if c["n"] < 3 else "")
 
 def load_records(results_dir: str) -> list[dict]:
   recs = []
@@ -276,7 +324,7 @@ def markdown(recs, cfg=None, bootstrap: int = 1000) -> str:
   st = Stats(recs, bootstrap)
   seeds = sorted({r["seed"] for r in recs})
   reads = sorted({r.get("mil_features", "projection") for r in recs})
-  head = heads[0] if heads else "abmil"
+  head, head_name = _head_axis(heads or ["abmil"])
   n_bags = recs[0].get("bags_per_split", {})
   md = ["# SLAM-AGS variants study: results (generated)", "",
         f"{len(recs)} runs recorded (seeds {seeds}; bags per split {n_bags}). Each cell: "
@@ -293,8 +341,17 @@ def markdown(recs, cfg=None, bootstrap: int = 1000) -> str:
   md += ["## Bag classification (test bags)", ""]
   for feat in FEATURES:
     for metric, name in (("auc", "AUC"), ("f1", "F1 at 0.5")):
-      md += _table(f"{head} on {feat} features: bag {name}", methods, rates,
+      md += _table(f"{head_name} on {feat} features: bag {name}", methods, rates,
                    lambda m, r: _fmt(st.cell(m, r, ("bag", feat, head, metric))))
+  k = next((h["retrieval"]["k"] for r in recs for f in (r.get("mil") or {}).values()
+            for h in f.values() if "k" in h.get("retrieval", {})), "K")
+  md += ["## Witness retrieval (positive test bags, cells ranked by the head)", "",
+         f"Recall@{k}: share of a bag's witnesses among its top {k} cells; AP: average "
+         "precision of the ranking; means over bags, then mean ± std over seeds.", ""]
+  for feat in FEATURES:
+    for key, name in (("recall_at_k", f"recall@{k}"), ("average_precision", "AP")):
+      md += _table(f"{head_name} on {feat} features: {name}", methods, rates,
+                   lambda m, r: _fmt_retrieval(st.retrieval(m, r, feat, head, key)))
   md += ["## Encoder only: witness vs normal on held-out cells", ""]
   for feat in FEATURES:
     for kind, name in (("linear", "linear-probe AUC"), ("knn", "kNN AUC")):
@@ -312,6 +369,10 @@ def markdown(recs, cfg=None, bootstrap: int = 1000) -> str:
                        (("probe", "backbone", "knn"), "kNN AUC, backbone")):
       md += _table(f"Δ {name}", others, rates,
                    lambda m, r: _fmt_diff(st.diff(m, "simclr", r, what)))
+    for key, name in (("recall_at_k", "recall@K"), ("average_precision", "AP")):
+      md += _table(f"Δ witness {name}, projection (mean ± std over seeds)", others,
+                   rates, lambda m, r: _fmt_retrieval(st.retrieval(
+                       m, r, "projection", head, key, ref="simclr"), diff=True))
   md += ["## Collapse and gradient diagnostics", "",
          "Pretraining spread: sqrt(D) x mean per-dimension std of the normalised "
          "projection of the positive-bag batch (logged every few steps); test spread: "
@@ -453,12 +514,12 @@ def _write_files(results_dir: str, recs, cfg) -> None:
     f.write(markdown(recs, cfg, b))
   write_csv(os.path.join(results_dir, "results.csv"), recs)
   st = Stats(recs, b)
-  head = heads[0] if heads else "abmil"
+  head, head_name = _head_axis(heads or ["abmil"])
   _plot_vs_rate(os.path.join(results_dir, "auc_vs_witness_rate.png"), st, methods, rates,
-                [(f"{head} on {f} features", ("bag", f, head, "auc")) for f in FEATURES],
+                [(f"{head_name} on {f} features", ("bag", f, head, "auc")) for f in FEATURES],
                 "bag AUC (test)")
   _plot_vs_rate(os.path.join(results_dir, "f1_vs_witness_rate.png"), st, methods, rates,
-                [(f"{head} on {f} features", ("bag", f, head, "f1")) for f in FEATURES],
+                [(f"{head_name} on {f} features", ("bag", f, head, "f1")) for f in FEATURES],
                 "bag F1 (test)", chance=None)
   _plot_vs_rate(os.path.join(results_dir, "probe_auc_vs_witness_rate.png"), st, methods,
                 rates, [(f"{k} probe, {f}", ("probe", f, k)) for k in ("linear", "knn")

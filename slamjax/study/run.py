@@ -97,6 +97,7 @@ def _mil_summary(heads: dict) -> dict:
 def make_record(rid: str, cfg, results: dict, enc: dict | None, other_mil: dict | None,
                 history: list[dict], batch_pos: int | None, seconds: float) -> dict:
   """The compact, JSON-serialisable result of one run."""
+  from slamjax.mil import multihead
   _, _, method = methods_lib.parse_run_id(rid)
   read = cfg.embed.output
   mil = {read: _mil_summary(results["heads"])}
@@ -105,7 +106,7 @@ def make_record(rid: str, cfg, results: dict, enc: dict | None, other_mil: dict 
   rec = {"id": rid, "method": method, "witness_rate": cfg.bags.witness_rate,
          "seed": cfg.seed, "bag_size": cfg.bags.bag_size,
          "bags_per_split": {k: list(v) for k, v in cfg.bags.bags_per_split.items()},
-         "mil_features": read, "mil": mil,
+         "mil_features": read, "mil": mil, "head": multihead.head_names(cfg.mil)[0],
          "encoder": enc["features"] if enc else None,
          "probe": enc["probe"] if enc else None,
          "embedding_test_bags": results.get("embedding"),
@@ -194,6 +195,60 @@ def shard_runs(runs: list, shard: str) -> list:
   return [r for k, r in enumerate(runs) if k % n == i]
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v and f"{prefix}{k}" not in ("data.num_per_class",
+                                                           "bags.bags_per_split"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def reuse_mismatch(cfg, other: dict) -> list[str]:
+  """Config keys (outside ``study``) where another study's config differs.
+
+  A key the other study lacks was added after it ran: it must hold its
+  default here, which is what the other study's code did.
+  """
+  from slamjax.config import base
+  norm = lambda d: {k: v for k, v in _flat(json.loads(json.dumps(d))).items()
+                    if not k.startswith(("study.", "resume", "runner"))}
+  mine, theirs = norm(cfg.to_dict()), norm(other)
+  default = norm(base.get_config().to_dict())
+  bad = []
+  for k, v in sorted(mine.items()):
+    ref = theirs[k] if k in theirs else default.get(k, v)
+    if v != ref:
+      bad.append(f"{k}: {v!r} here, {ref!r} there" + ("" if k in theirs else " (default)"))
+  return bad
+
+
+def reuse_records(cfg, out_dir: str, runs: list) -> int:
+  """Copies ``study.reuse_from``'s records of this study's runs into
+  ``out_dir/runs``; returns how many. Refuses a study of another config."""
+  src = cfg.study.reuse_from
+  if not src:
+    return 0
+  path = os.path.join(src, "study_config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.study.reuse_from={src!r} has no study_config.json")
+  with open(path) as f:
+    bad = reuse_mismatch(cfg, json.load(f))
+  if bad:
+    raise ValueError(f"config.study.reuse_from={src!r}: that study ran another "
+                     f"configuration ({'; '.join(bad[:5])}); its runs cannot be reused")
+  copied = 0
+  for rid, _ in runs:
+    mine, theirs = _record_path(out_dir, rid), _record_path(src, rid)
+    if not os.path.exists(mine) and os.path.exists(theirs):
+      with open(theirs) as f:
+        _write_text(mine, f.read())
+      copied += 1
+  return copied
+
+
 def run_study(cfg, workdir: str) -> list[dict]:
   """Runs every missing run of the study, then writes the report."""
   from slamjax.study import report
@@ -207,6 +262,10 @@ def run_study(cfg, workdir: str) -> list[dict]:
     whole["study"]["shard"] = ""
     _write_text(os.path.join(out_dir, "study_config.json"), json.dumps(whole, indent=2))
   runs = list(methods_lib.run_configs(cfg))
+  if shard == 0:
+    n = reuse_records(cfg, out_dir, runs)
+    if n:
+      print(f"study: {n} runs reused from {cfg.study.reuse_from}", flush=True)
   mine = shard_runs(runs, cfg.study.shard)
   todo = [(rid, c) for rid, c in mine if not os.path.exists(_record_path(out_dir, rid))]
   part = f" (shard {shard}/{num_shards}: {len(mine)} of them)" if num_shards > 1 else ""
