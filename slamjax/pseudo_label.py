@@ -10,10 +10,11 @@ witnesses. This stage, after SimCLR or SLAM-AGS pretraining, runs
    minus the mean cosine similarity to its ``pseudo.knn_k`` nearest
    negative-bag cells), on the features the MIL heads read
    (``embed.output``).
-2. **Label** the top ``pseudo.fractions[r]`` of each positive bag's cells
-   (at least one per bag) pseudo-positive; a cell that also sits in a
-   negative bag is a known negative and is never chosen. The fraction grows
-   from round to round (self-paced), the same for every witness rate.
+2. **Label** the ``pseudo.per_bag[r]`` most novel cells of each positive bag
+   pseudo-positive (default one: a positive bag is only known to hold at
+   least one witness, whatever the witness rate); a cell that also sits in
+   a negative bag is a known negative and is never chosen. Labels are
+   re-chosen every round by the improving encoder.
 3. **Fine-tune** the encoder for ``pseudo.steps_per_round`` steps with
    :func:`slamjax.losses.pseudo_supcon` on two augmented views: batches of
    ``pseudo.positive_share`` pseudo-positives and other training cells;
@@ -29,14 +30,13 @@ per round in ``workdir/pseudo_rounds.json``.
 
 Example (scoring and labelling, without the encoder)::
 
-  positives = choose_positives(bags["train"], novelty, fraction=0.01)
+  positives = choose_positives(bags["train"], novelty, per_bag=1)
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 
 import jax
@@ -132,15 +132,14 @@ def score_cells(cfg, model, state, pool, bagset, mesh) -> dict[int, float]:
   return dict(zip(pos.tolist(), np.asarray(novelty, np.float64).tolist()))
 
 
-def choose_positives(bagset, novelty: dict[int, float], fraction: float) -> np.ndarray:
+def choose_positives(bagset, novelty: dict[int, float], per_bag: int) -> np.ndarray:
   """Pool indices of the pseudo-positives: in each positive bag, the
-  ``ceil(fraction * n)`` (at least one) most novel cells among those that
-  never sit in a negative bag.
+  ``per_bag`` most novel cells among those that never sit in a negative bag.
 
   >>> import types
   >>> b = types.SimpleNamespace(cells=[np.array([0, 1, 2]), np.array([3, 4, 5])],
   ...                           bag_labels=np.array([0, 1]))
-  >>> choose_positives(b, {3: 0.1, 4: 0.9, 5: 0.3}, fraction=0.01).tolist()
+  >>> choose_positives(b, {3: 0.1, 4: 0.9, 5: 0.3}, per_bag=1).tolist()
   [4]
   """
   chosen = []
@@ -150,9 +149,8 @@ def choose_positives(bagset, novelty: dict[int, float], fraction: float) -> np.n
     cand = [c for c in np.asarray(cells).tolist() if c in novelty]
     if not cand:
       continue
-    take = max(1, math.ceil(fraction * len(cells)))
     order = np.argsort([-novelty[c] for c in cand], kind="stable")
-    chosen.extend(cand[i] for i in order[:take])
+    chosen.extend(cand[i] for i in order[:int(per_bag)])
   return np.unique(np.asarray(chosen, np.int64))
 
 
@@ -240,7 +238,7 @@ def finetune(cfg, pool, bags, workdir: str, mesh, model, state):
   prog = progress_lib.Progress("pseudo", total, every, start)
   means = progress_lib.IntervalMeans()
   step_fn = make_train_step(cfg, model, tx, mesh)
-  fractions = tuple(ps.fractions)
+  per_bag = tuple(ps.per_bag)
   positives = others = None
   for step in range(start, total):
     r = step // spr
@@ -251,10 +249,10 @@ def finetune(cfg, pool, bags, workdir: str, mesh, model, state):
         if step != r * spr:
           raise RuntimeError(f"{workdir}/{LABELS} lacks round {r} but the checkpoint "
                              f"is at step {step}; delete {CKPT} to redo this stage")
-        frac = fractions[min(r, len(fractions) - 1)]
+        take = int(per_bag[min(r, len(per_bag) - 1)])
         labels[r] = choose_positives(
-            train, score_cells(cfg, model, state, pool, train, mesh), frac)
-        rec = {"round": r, "fraction": frac, "num_positives": int(len(labels[r]))}
+            train, score_cells(cfg, model, state, pool, train, mesh), take)
+        rec = {"round": r, "per_bag": take, "num_positives": int(len(labels[r]))}
         rec.update(label_quality(train, labels[r]) or {})
         records.append(rec)
         if main_process:
@@ -263,7 +261,7 @@ def finetune(cfg, pool, bags, workdir: str, mesh, model, state):
         quality = (f"; precision {rec['precision']:.2f}, recall {rec['recall']:.2f} "
                    "against the true witnesses" if "precision" in rec else "")
         print(f"pseudo: round {r + 1}/{ps.rounds}: {rec['num_positives']} pseudo-positive "
-              f"cells (top {frac:g} of each positive bag){quality}", flush=True)
+              f"cells (the {take} most novel of each positive bag){quality}", flush=True)
       positives = labels[r]
       others = np.setdiff1d(all_cells, positives)
     idx, flag = batch_indices(cfg.seed, step, positives, others, batch_size,

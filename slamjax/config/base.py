@@ -154,14 +154,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Pseudo-label contrastive stage after pretraining (ItS2CLR-style,
   # slamjax/pseudo_label.py); rounds=0 = off. Each round scores the training
-  # cells by negative-reference novelty, labels the top fractions[r] of every
-  # positive bag's cells (at least one) positive, and fine-tunes the encoder
+  # cells by negative-reference novelty, labels the per_bag[r] most novel
+  # cells of every positive bag positive, and fine-tunes the encoder
   # with a supervised-contrastive loss whose only class that pulls together
   # is the pseudo-positives (every other cell keeps SimCLR's own-view pair).
   c.pseudo = ml_collections.ConfigDict()
   c.pseudo.rounds = 0
   c.pseudo.steps_per_round = 100
-  c.pseudo.fractions = (0.005, 0.01, 0.02)  # per round; the last repeats
+  # Per round (the last repeats). One: a positive bag is only known to hold
+  # at least one witness, whatever the witness rate.
+  c.pseudo.per_bag = (1,)
   c.pseudo.positive_share = 0.25  # of each batch: pseudo-positive cells
   c.pseudo.lr = 0.01
   c.pseudo.knn_k = 10  # neighbours of the negative-reference novelty

@@ -168,11 +168,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _range("pseudo.lr", ps.lr, 0, inf, lo_open=True)
     _range("pseudo.knn_k", ps.knn_k, 1, inf, integer=True)
     _range("pseudo.checkpoint_every_steps", ps.checkpoint_every_steps, 1, inf, integer=True)
-    if not len(ps.fractions):
-      raise ValueError("config.pseudo.fractions is empty; give one fraction per round, "
-                       "e.g. (0.005, 0.01, 0.02)")
-    for f in ps.fractions:
-      _range("pseudo.fractions", f, 0, 1, lo_open=True)
+    if not len(ps.per_bag):
+      raise ValueError("config.pseudo.per_bag is empty; give the pseudo-positive cells "
+                       "per positive bag for each round, e.g. (1,) or (1, 2, 4)")
+    for n in ps.per_bag:
+      _range("pseudo.per_bag", n, 1, inf, integer=True)
     if cfg.runner not in ("pipeline", "study"):
       raise ValueError(f"config.pseudo.rounds={ps.rounds}: the pseudo-label stage runs "
                        f"in the pipeline and study runners, not {cfg.runner!r}; set "

@@ -26,12 +26,13 @@ def test_cell_sets_keep_known_negatives_out_of_the_positive_side():
   assert pos.tolist() == [10, 11, 12, 13, 14]
 
 
-def test_choose_positives_takes_the_most_novel_share_of_each_positive_bag():
+def test_choose_positives_takes_the_most_novel_cells_of_each_positive_bag():
   b = _bags()
   novelty = {10: 0.1, 11: 0.9, 12: 0.5, 13: 0.2, 14: 0.8}
-  assert pseudo_label.choose_positives(b, novelty, 0.01).tolist() == [11, 14]
-  # ceil(0.5 * 4) = 2 cells of bag 1; cell 2 (known negative) has no score.
-  assert pseudo_label.choose_positives(b, novelty, 0.5).tolist() == [11, 12, 14]
+  assert pseudo_label.choose_positives(b, novelty, 1).tolist() == [11, 14]
+  # Two per bag; cell 2 (a known negative) is never chosen.
+  assert pseudo_label.choose_positives(b, novelty, 2).tolist() == [11, 12, 13, 14]
+  assert pseudo_label.choose_positives(b, novelty, 3).tolist() == [10, 11, 12, 13, 14]
   q = pseudo_label.label_quality(b, np.array([11, 14]))
   assert q["precision"] == 0.5 and q["recall"] == 0.5 and q["num_witness_cells"] == 2
 
@@ -71,7 +72,7 @@ def setup():
   cfg.pseudo.rounds = 2
   cfg.pseudo.steps_per_round = 3
   cfg.pseudo.checkpoint_every_steps = 2
-  cfg.pseudo.fractions = (0.1, 0.2)
+  cfg.pseudo.per_bag = (1, 2)
   cfg.pretrain.batch_size = 8
   cfg.pretrain.log_every_steps = 1
   pool, bags = train.prepare_data(cfg)
