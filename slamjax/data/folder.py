@@ -88,9 +88,6 @@ class FileIndex:
   def __len__(self) -> int:
     return len(self.paths)
 
-  def abspaths(self) -> list[str]:
-    return [os.path.join(self.root, p) for p in self.paths]
-
   def counts(self) -> dict[str, int]:
     return {c: int((self.labels == i).sum()) for i, c in enumerate(self.class_names)}
 
@@ -108,10 +105,6 @@ class LoadReport:
   counts: dict[str, int]
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-  @property
-  def num_skipped(self) -> int:
-    return len(self.skipped)
 
   def format(self) -> str:
     total = sum(self.counts.values())
@@ -276,32 +269,6 @@ def _map_threads(fn, items: Sequence, num_workers: int | None) -> Iterable:
     return list(ex.map(fn, items, chunksize=chunk))
   finally:
     ex.shutdown()
-
-
-def verify_files(index: FileIndex, *, num_workers: int | None = None,
-                 skip_bad_files: bool = False,
-                 skipped: list | None = None) -> FileIndex:
-  """Decodes every file once (in parallel) and drops or reports bad ones.
-
-  For the streaming pipeline, whose decode errors otherwise surface mid-run.
-  """
-  skipped = [] if skipped is None else skipped
-
-  def check(i):
-    p = index.paths[i]
-    try:
-      decode_image(_read(os.path.join(index.root, p)), None,
-                   os.path.join(index.root, p))
-      return None
-    except BadFileError as e:
-      return e
-
-  errors = list(_map_threads(check, range(len(index)), num_workers))
-  bad = [i for i, e in enumerate(errors) if e is not None]
-  if bad and not skip_bad_files:
-    raise errors[bad[0]]
-  skipped += [(index.paths[i], errors[i].reason) for i in bad]
-  return index.select(np.setdiff1d(np.arange(len(index)), bad))
 
 
 def load_folder(root: str, *, image_size: int | None = 64,

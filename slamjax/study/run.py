@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -44,27 +43,11 @@ def _compact(history: list[dict]) -> list[dict]:
 
 
 def collapse_summary(history: list[dict], batch_pos: int) -> dict:
-  """``slamjax.collapse.summarize`` when available; else the same fields from
-  a simple rule (final pretraining spread < 0.1, or NT-Xent within 0.05 of
-  log(2B-1)), marked ``source='study fallback'``."""
-  try:
-    from slamjax import collapse
-  except ImportError:
-    collapse = None
-  if collapse is not None:
-    out = dict(collapse.summarize(history, batch_pos))
-    out["source"] = "slamjax.collapse"
-    return {k: (v if not isinstance(v, (np.floating, np.integer, np.bool_)) else v.item())
-            for k, v in out.items()}
-  uniform = math.log(2 * batch_pos - 1)
-  rows = [r for r in history if "embed_std" in r]
-  first = next((int(r["step"]) for r in rows if r["embed_std"] < 0.1), None)
-  last = history[-1] if history else {}
-  nt = last.get("loss_simclr", float("nan"))
-  spread = rows[-1]["embed_std"] if rows else float("nan")
-  collapsed = bool(rows) and (spread < 0.1 or abs(uniform - nt) < 0.05)
-  return {"collapsed": collapsed, "first_step": first, "final_spread": spread,
-          "final_ntxent": nt, "ntxent_uniform": uniform, "source": "study fallback"}
+  """:func:`slamjax.collapse.summarize` of a run's history, JSON-ready."""
+  from slamjax import collapse
+  out = dict(collapse.summarize(history, batch_pos), source="slamjax.collapse")
+  return {k: (v.item() if isinstance(v, (np.floating, np.integer, np.bool_)) else v)
+          for k, v in out.items()}
 
 
 _POOLS: dict = {}

@@ -91,7 +91,7 @@ def test_corrupt_jpeg_names_it_or_is_skipped(make_folder, kind):
   with pytest.raises(folder.BadFileError, match=r"normal/normal_0002.jpg: cannot decode"):
     folder.load_folder(root, num_workers=2)
   pool, report = folder.load_folder(root, skip_bad_files=True)
-  assert len(pool) == 5 and report.num_skipped == 1
+  assert len(pool) == 5 and len(report.skipped) == 1
   assert "normal/normal_0002.jpg" not in pool.cell_ids
   assert report.skipped[0][0] == "normal/normal_0002.jpg"
 
