@@ -19,6 +19,6 @@ Training and inference: :mod:`slamjax.mil.train` (``fit``, ``predict``,
 masked primitives: :mod:`slamjax.mil.masked`; padding buckets:
 :mod:`slamjax.mil.padding`; config defaults: :mod:`slamjax.mil.options`;
 multi-task labels: :mod:`slamjax.mil.labels`; retrieval, multi-task metrics
-and attention stability: :mod:`slamjax.mil.diagnostics`. Equations and the
-reference code's behaviour: ``shared/docs/mil-heads.md`` (design notes outside this repository).
+and attention stability: :mod:`slamjax.mil.diagnostics`. The heads, their
+defaults and measured speed: ``docs/mil-heads.md``.
 """

@@ -9,8 +9,8 @@ largest weights of each row, renormalises them and takes their neg-entropy;
 rows with fewer than k valid instances use all of them.
 
 ``lambda`` is constant or decays with a cosine to 0 over training (the paper's
-v3 "cosine weight annealing"; its direction is not verifiable from the public
-code, see the design notes ``shared/docs/mil-heads.md`` (outside this repository) section 4).
+v3 "cosine weight annealing"; the public code does not show which way it
+runs, so decaying to 0 is our reading).
 
 Example:
   >>> import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """ASMIL: attention-stabilised MIL (Ye et al., 2026) over padded bags.
 
-Online model (the design notes ``shared/docs/mil-heads.md`` (outside this repository) 2.1): ``h = ReLU(x W_r)``; T FEAT query
+Online model (as the authors' ``ACMIL_MYMHA``): ``h = ReLU(x W_r)``; T FEAT query
 tokens, each with its own 8-head attention module (q/k/v/out projections,
 dropout 0.1, LayerNorm eps 1e-6, no residual, no FFN) over the instances; at
 training time a uniform random subset of ``n_drop`` FEAT tokens is dropped;

@@ -1,8 +1,8 @@
 """MECDS-style multi-task head: task tokens, task-isolated self-attention,
 dynamic feature routing, asymmetric knowledge distillation, task extension.
 
-No MECDS code is public; this follows the spec and recommended readings of
-the design notes ``shared/docs/mil-heads.md`` (outside this repository) section 7. Choices made where the paper is ambiguous:
+No MECDS code is public; this follows the paper. Choices made where the
+paper is ambiguous:
 
 * Instances are projected by ``Dense(D) + GELU``; T learnable task tokens;
   L pre-LN layers ``Z <- Z + TISA(LN Z)``, ``Z <- Z + DFR(LN Z)``.

@@ -1,6 +1,6 @@
 """PAMIL: prototype attention MIL (Liu et al., MICCAI 2024) over padded bags.
 
-Two variants (the design notes ``shared/docs/mil-heads.md`` (outside this repository) section 3):
+Two variants:
 
 * ``"slamags"`` (default), the copy in Ace95/SLAM-AGS: random trainable
   prototypes, L2-normalised instance/prototype/bag features, weight-normed
