@@ -12,7 +12,12 @@ folder: :mod:`slamjax.mil.multihead`; registry in :mod:`slamjax.mil.heads`):
   attention distillation, token dropping (:mod:`slamjax.mil.asmil`);
 * ``mecds``: multi-task head with task tokens, task-isolated attention,
   dynamic feature routing, asymmetric distillation and task extension
-  (:mod:`slamjax.mil.mecds`).
+  (:mod:`slamjax.mil.mecds`);
+* ``topk``: cell classifier whose bag logit is the mean of its k highest cell
+  logits (Campanella et al. 2019; :mod:`slamjax.mil.topk`);
+* ``negref``: non-parametric negative-reference scoring, k-NN novelty of each
+  cell against the negative training bags' cells, calibrated by a logistic
+  regression (:mod:`slamjax.mil.negref`; fitted by ``multihead``, not ``train``).
 
 Training and inference: :mod:`slamjax.mil.train` (``fit``, ``predict``,
 ``extend``; epochs on device-resident bags: :mod:`slamjax.mil.resident`);

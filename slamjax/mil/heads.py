@@ -14,8 +14,12 @@ supervised loss: extra loss terms, an anchor model, teacher/student phases,
 frozen parameters and host-side initialisation.
 
 Names: ``abmil``, ``aem`` (ABMIL + AEM regulariser), ``pamil``,
-``pamil_official``, ``asmil``, ``mecds``. AEM (``mil.aem_weight``) also
-applies to any other head.
+``pamil_official``, ``asmil``, ``mecds``, ``topk`` (top-k cell classifier,
+:mod:`slamjax.mil.topk`) and ``negref`` (non-parametric negative-reference
+scoring, :mod:`slamjax.mil.negref`: no Flax module and no gradient training;
+its spec's ``nonparametric`` holds its fit and predict, which
+:func:`slamjax.mil.multihead.fit_predict` calls). AEM (``mil.aem_weight``)
+also applies to any other trained head.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import jax.numpy as jnp
 from slamjax.mil import abmil
 from slamjax.mil import asmil
 from slamjax.mil import mecds
+from slamjax.mil import negref
 from slamjax.mil import options
 from slamjax.mil import pamil
+from slamjax.mil import topk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,11 @@ class HeadSpec:
     frozen: ``cfg -> (path -> bool)``, parameters never updated, or None.
     init_params: ``(cfg, params, bags, seed) -> params`` host-side init, or None.
     extensible: supports :func:`slamjax.mil.train.extend`.
+    nonparametric: ``(fit, predict)`` of a head fitted without gradients, or
+      None. ``fit(cfg, bags, labels, seed) -> state`` (a dict of numpy
+      arrays, saved as ``<head>.npz`` in the head's folder) and
+      ``predict(cfg, state, bags) -> {"prob", "attention"}`` as
+      :func:`slamjax.mil.train.predict`. Such a head's ``build`` raises.
   """
   build: Callable
   aux_loss: Callable | None = None
@@ -57,6 +68,7 @@ class HeadSpec:
   frozen: Callable | None = None
   init_params: Callable | None = None
   extensible: bool = False
+  nonparametric: tuple[Callable, Callable] | None = None
 
 
 # ------------------------------------------------------------------- ABMIL
@@ -139,6 +151,18 @@ def _mecds_aux(cfg, model, out, batch, label_known, ctx):
   return ctx.get("kd_scale", 1.0) * m.kd_weight * akd, {"mecds_akd": akd}
 
 
+# -------------------------------------------------------------------- top-k
+def _topk(cfg, num_tasks, num_base=None):
+  return topk.TopKMIL(hidden_dim=cfg.hidden_dim, num_tasks=num_tasks, k=int(cfg.topk.k),
+                      dropout=cfg.dropout)
+
+
+# ------------------------------------------------------------------ negref
+def _no_module(cfg, num_tasks, num_base=None):
+  raise ValueError("negref is non-parametric: it has no Flax module (fit and predict it "
+                   "with slamjax.mil.multihead.fit_predict)")
+
+
 HEADS = {
     "abmil": HeadSpec(build=_abmil),
     "aem": HeadSpec(build=_abmil, aem_default=0.1),
@@ -147,6 +171,8 @@ HEADS = {
     "asmil": HeadSpec(build=_asmil, aux_loss=_asmil_aux, anchor=True),
     "mecds": HeadSpec(build=_mecds, aux_loss=_mecds_aux, phases=("teacher", "student"),
                       extensible=True),
+    "topk": HeadSpec(build=_topk),
+    "negref": HeadSpec(build=_no_module, nonparametric=(negref.fit, negref.predict)),
 }
 
 

@@ -6,6 +6,8 @@ the heads to train, in order; every other ``config.mil`` key is shared by all
 of them (head-specific keys live in their own sections: ``pamil``, ``asmil``,
 ``mecds``). Head ``h`` checkpoints and logs under ``workdir/mil_<h>``, so a
 rerun resumes every head, and adding a head to the list trains only that one.
+A non-parametric head (``negref``) is fitted by its own ``fit`` and saved as
+``workdir/mil_<h>/<h>.npz``, which a rerun loads instead of refitting.
 
 Example:
   >>> import numpy as np, ml_collections, tempfile
@@ -28,6 +30,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
 from slamjax.mil import heads
 from slamjax.mil import options
@@ -75,7 +78,8 @@ def head_config(mil_cfg, name: str) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class HeadRun:
-  """One trained head: its config, state, folder and predictions per split."""
+  """One trained head: its config, state (a :class:`slamjax.mil.train.MilState`,
+  or a non-parametric head's dict of arrays), folder and predictions per split."""
   name: str
   cfg: ml_collections.ConfigDict
   state: Any
@@ -98,7 +102,30 @@ def fit_predict(mil_cfg, bags: Sequence, labels, predict_on: Mapping[str, Sequen
     cfg = head_config(mil_cfg, name)
     folder = os.path.join(workdir, f"mil_{name}")
     t0 = time.perf_counter()
-    state = mil_train.fit(cfg, bags, labels, folder, seed, verbose)
-    outputs = {split: mil_train.predict(cfg, state, b) for split, b in predict_on.items()}
+    nonparametric = heads.HEADS[name].nonparametric
+    if nonparametric is None:
+      state = mil_train.fit(cfg, bags, labels, folder, seed, verbose)
+      predict = mil_train.predict
+    else:
+      fit, predict = nonparametric
+      state = _fit_nonparametric(fit, name, cfg, bags, labels, folder, seed, verbose)
+    outputs = {split: predict(cfg, state, b) for split, b in predict_on.items()}
     runs.append(HeadRun(name, cfg, state, folder, outputs, time.perf_counter() - t0))
   return runs
+
+
+def _fit_nonparametric(fit, name, cfg, bags, labels, folder, seed, verbose):
+  """``fit``'s state, loaded from ``folder/<name>.npz`` when a run saved it."""
+  path = os.path.join(folder, f"{name}.npz")
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as z:
+      return {key: z[key] for key in z.files}
+  state = fit(cfg, bags, labels, seed)
+  os.makedirs(folder, exist_ok=True)
+  tmp = path + ".tmp"  # written whole, then renamed: a crash leaves no half file
+  with open(tmp, "wb") as f:
+    np.savez(f, **state)
+  os.replace(tmp, path)
+  if verbose:
+    print(f"mil/{name}: fitted, saved {path}", flush=True)
+  return state

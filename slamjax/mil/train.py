@@ -356,6 +356,14 @@ def _run_phase(cfg, spec, phase: str, bags, labels2, workdir: str, ckpt_name: st
   return state
 
 
+def _trained_spec(cfg) -> heads.HeadSpec:
+  spec = heads.get_spec(cfg)
+  if spec.nonparametric is not None:
+    raise ValueError(f"head {cfg.head!r} is non-parametric (no gradient training): fit and "
+                     "predict it with slamjax.mil.multihead.fit_predict")
+  return spec
+
+
 def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> MilState:
   """Trains (or resumes) the head ``cfg.head``; checkpoints every
   ``cfg.checkpoint_every_epochs`` under ``workdir/mil_ckpt``.
@@ -368,7 +376,7 @@ def fit(cfg, bags, labels, workdir: str, seed: int, verbose: bool = True) -> Mil
   the AKD loss toward the frozen teacher.
   """
   cfg = options.resolve(cfg)
-  spec = heads.get_spec(cfg)
+  spec = _trained_spec(cfg)
   labels2 = _as_2d(labels)
   num_tasks = labels2.shape[1]
   if spec.phases == ("train",):
@@ -412,7 +420,7 @@ def extend(cfg, state: MilState, bags, labels, workdir: str, seed: int,
   metrics as phases ``extend{T}_teacher`` / ``extend{T}_student``.
   """
   cfg = options.resolve(cfg)
-  spec = heads.get_spec(cfg)
+  spec = _trained_spec(cfg)
   if not spec.extensible:
     raise ValueError(f"head {cfg.head!r} does not support task extension (use mecds)")
   new = _as_2d(labels)
@@ -448,7 +456,7 @@ def predict(cfg, state: MilState, bags, num_tasks: int | None = None) -> dict:
   MECDS head are computed by the base-group program alone.
   """
   cfg = options.resolve(cfg)
-  spec = heads.get_spec(cfg)
+  spec = _trained_spec(cfg)
   num_tasks = state.num_tasks if num_tasks is None else num_tasks
   model = spec.build(cfg, num_tasks, state.num_base)
   apply_fn = _apply_fn(model)

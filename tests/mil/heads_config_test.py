@@ -25,15 +25,22 @@ def _default_config():
 def test_every_head_selectable_from_default_config():
   cfg = _default_config()
   assert multihead.head_names(cfg.mil) == ("abmil",)
-  for section in ("pamil", "asmil", "mecds"):
+  for section in ("pamil", "asmil", "mecds", "topk", "negref"):
     assert set(cfg.mil[section].to_dict()) == set(options.DEFAULTS[section]), section
   built = {}
   for name in heads.HEADS:
     head_cfg = multihead.head_config(cfg.mil, name)
     assert set(head_cfg.to_dict()) == set(options.DEFAULTS) and head_cfg.head == name
-    built[name] = type(heads.get_spec(head_cfg).build(head_cfg, 2, None)).__name__
+    spec = heads.get_spec(head_cfg)
+    if spec.nonparametric is not None:  # no module: fitted by multihead.fit_predict
+      with pytest.raises(ValueError, match="non-parametric"):
+        spec.build(head_cfg, 2, None)
+      built[name] = None
+      continue
+    built[name] = type(spec.build(head_cfg, 2, None)).__name__
   assert built == {"abmil": "GatedABMIL", "aem": "GatedABMIL", "pamil": "PAMIL",
-                   "pamil_official": "PAMIL", "asmil": "ASMIL", "mecds": "MECDS"}
+                   "pamil_official": "PAMIL", "asmil": "ASMIL", "mecds": "MECDS",
+                   "topk": "TopKMIL", "negref": None}
   assert heads.aem_weight(options.resolve(dict(head="aem"))) == 0.1
   with pytest.raises(ValueError, match="valid"):
     heads.get_spec(options.resolve(dict(head="nope")))
