@@ -120,8 +120,10 @@ def run_configs(cfg) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   Seed-major order: after each seed the table has every cell once, so a
   study stopped early still gives a complete (if thinner) comparison.
   """
+  from slamjax import config as config_lib
   s = cfg.study
-  for name in s.methods:
+  names = config_lib.names(s.methods)  # "a,b" from the command line too
+  for name in names:
     if name not in METHODS:
       raise ValueError(f"config.study.methods: unknown method {name!r}; "
                        f"valid: {sorted(METHODS)}")
@@ -129,7 +131,7 @@ def run_configs(cfg) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   base.runner = "pipeline"  # each run is one pipeline run (study section unused)
   for seed in s.seeds:
     for wr in s.witness_rates:
-      for name in s.methods:
+      for name in names:
         c = copy.deepcopy(base)
         apply(c, METHODS[name].overrides)
         c.seed = int(seed)

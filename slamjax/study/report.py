@@ -209,7 +209,9 @@ def load_records(results_dir: str) -> list[dict]:
 
 
 def _axes(recs, cfg=None):
-  preferred = list(cfg.study.methods) if cfg is not None else list(methods_lib.METHODS)
+  from slamjax import config as config_lib
+  preferred = (list(config_lib.names(cfg.study.methods)) if cfg is not None
+               else list(methods_lib.METHODS))
   present = {r["method"] for r in recs}
   methods = [m for m in preferred if m in present] + sorted(present - set(preferred))
   rates = sorted({r["witness_rate"] for r in recs}, reverse=True)
