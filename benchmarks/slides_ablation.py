@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--out", required=True, help="where the variants' MIL runs go")
   ap.add_argument("--all", action="store_true", help="also the variants that retrain heads")
   args = ap.parse_args()
+  from slamjax import encoder
   from slamjax import sharding
   from slamjax.data import slides as slides_lib
   from slamjax.mil import multihead
@@ -73,7 +74,7 @@ def main():
   rows = {v: [] for v in variants}
   for fold in folds:
     fold_dir = os.path.join(args.workdir, "folds", "slam_ags", fold["name"])
-    model, state = fold_run.load_encoder(cfg, fold_dir, mesh)
+    model, state = encoder.load(cfg, fold_dir, mesh)
     sets = {"train": fold["train"], "test": fold["test"]}
     emb = {k: fold_run.embed_slides(cfg, model, state, cohort, v, mesh) for k, v in sets.items()}
     mu, sd = standardize.fit(emb["train"])

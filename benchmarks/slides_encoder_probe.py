@@ -34,9 +34,9 @@ def main():
   from sklearn.linear_model import LogisticRegression
   from sklearn.metrics import roc_auc_score
   from slamjax import embed
+  from slamjax import encoder
   from slamjax import sharding
   from slamjax.data import slides as slides_lib
-  from slamjax.slides import fold_run
   from slamjax.slides import folds as folds_lib
 
   with open(os.path.join(args.workdir, "config.json")) as f:
@@ -52,7 +52,7 @@ def main():
     for output in ("projection", "backbone"):
       c = copy.deepcopy(cfg)
       c.embed.output = output
-      model, state = fold_run.load_encoder(c, fold_dir, mesh)
+      model, state = encoder.load(c, fold_dir, mesh)
       res = {}
       for split in ("train", "test"):
         cells = np.concatenate([cohort.cells[i] for i in fold[split]])

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from slamjax import config as config_lib
+from slamjax import encoder
 from slamjax import runtime
 from slamjax import sharding
 from slamjax.data import slides as slides_lib
@@ -47,7 +48,7 @@ def main():
   print(f"load: {cohort.summary()}; {t_load:.1f} s; peak RSS {peak_rss_gib():.2f} GiB",
         flush=True)
   mesh = sharding.make_mesh(-1)
-  model, state = fold_run.load_encoder(cfg, "/nonexistent", mesh)
+  model, state = encoder.load(cfg, "/nonexistent", mesh)
   t0 = time.perf_counter()
   emb = fold_run.embed_slides(cfg, model, state, cohort, np.arange(len(cohort.slide_ids)), mesh)
   t_embed = time.perf_counter() - t0

@@ -35,12 +35,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
+
+from slamjax import workdir as workdir_lib
 from typing import Iterable, Sequence
 
-FILENAME = "pretrain_collapse.json"
+FILENAME = workdir_lib.COLLAPSE
 DEFAULT_SPREAD = 0.05
 DEFAULT_MARGIN = 0.05
 DEFAULT_PATIENCE = 3
@@ -261,6 +262,5 @@ class Monitor:
   def write(self, workdir: str) -> dict:
     """Writes ``workdir/pretrain_collapse.json``; returns the summary."""
     out = self.summary()
-    with open(os.path.join(workdir, FILENAME), "w") as f:
-      json.dump(out, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, FILENAME), out)
     return out

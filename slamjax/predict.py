@@ -47,7 +47,7 @@ def load_final(workdir: str):
   error if absent or if it does not match its own records."""
   from slamjax import workdir as workdir_lib
   final = os.path.join(workdir, "final")
-  if not os.path.exists(os.path.join(final, "complete.json")):
+  if not os.path.exists(os.path.join(final, workdir_lib.COMPLETE)):
     raise workdir_lib.WorkdirError(
         f"{workdir} has no final model ({final}/complete.json is missing). Train one with "
         "`python -m slamjax.main --config configs/slides.py --workdir "
@@ -56,7 +56,7 @@ def load_final(workdir: str):
   workdir_lib.check_final(workdir)
   with open(os.path.join(final, "config.json")) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(final, "model.json")) as f:
+  with open(os.path.join(final, workdir_lib.MODEL)) as f:
     model_info = json.load(f)
   return cfg, model_info, workdir_lib.read_json(os.path.join(final, workdir_lib.COMPLETE))
 
@@ -149,6 +149,7 @@ def slides_config(cfg, slides: str):
 
 def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> dict:
   """Predicts every slide of ``slides``; returns {head: prob [S, T]} and writes files."""
+  from slamjax import encoder
   from slamjax import report
   from slamjax import sharding
   from slamjax.data import slides as slides_lib
@@ -171,9 +172,9 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
     print("predict: " + collapsed.replace("**", ""), flush=True)
   os.makedirs(out, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh.data)
-  model, state = fold_run.load_encoder(cfg, final, mesh)
+  model, state = encoder.load(cfg, final, mesh)
   idx = np.arange(len(cohort.slide_ids))
-  stats = np.load(os.path.join(final, "standardize.npz"), allow_pickle=False)
+  stats = np.load(os.path.join(final, workdir_lib.STANDARDIZE), allow_pickle=False)
   emb = standardize.apply(fold_run.embed_slides(cfg, model, state, cohort, idx, mesh),
                          stats["mean"], stats["std"])
   tasks = info["task_names"]

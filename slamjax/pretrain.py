@@ -61,6 +61,7 @@ from slamjax import losses
 from slamjax import progress as progress_lib
 from slamjax import sharding
 from slamjax import surgery
+from slamjax import workdir as workdir_lib
 from slamjax.data import augment
 from slamjax.data import batching
 from slamjax.models import layers
@@ -335,11 +336,11 @@ def pretrain(cfg, pool, bags, workdir: str, mesh) -> TrainState:
   total = cfg.pretrain.epochs * batcher.steps_per_epoch
   model, tx, schedule = build(cfg, batcher.steps_per_epoch)
   state = init_state(cfg, model, tx, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"),
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, workdir_lib.PRETRAIN_CKPT),
                               save_interval_steps=cfg.pretrain.checkpoint_every_steps,
                               save_on_steps=(total,))
   start = 0
-  log_path = os.path.join(workdir, "pretrain_metrics.jsonl")
+  log_path = os.path.join(workdir, workdir_lib.PRETRAIN_METRICS)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
     start = int(state.step)

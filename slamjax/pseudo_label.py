@@ -55,10 +55,10 @@ from slamjax.data import augment
 from slamjax.mil import negref
 from slamjax.models import layers
 
-CKPT = "pseudo_ckpt"
-LABELS = "pseudo_labels.npz"
-ROUNDS = "pseudo_rounds.json"
-METRICS = "pseudo_metrics.jsonl"
+CKPT = workdir_lib.PSEUDO_CKPT
+LABELS = workdir_lib.PSEUDO_LABELS
+ROUNDS = workdir_lib.PSEUDO_ROUNDS
+METRICS = workdir_lib.PSEUDO_METRICS
 _SALT = 27  # separates this stage's random streams from pretraining's
 
 

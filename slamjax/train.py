@@ -16,7 +16,6 @@ Example (what ``slamjax.main`` runs)::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -26,9 +25,8 @@ from slamjax import collapse
 from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import embed
+from slamjax import encoder
 from slamjax import evaluate
-from slamjax import pretrain as pretrain_lib
-from slamjax import pseudo_label
 from slamjax import progress
 from slamjax import report
 from slamjax import sharding
@@ -38,7 +36,6 @@ from slamjax.data import bags as bags_lib
 from slamjax.data import sources
 from slamjax.mil import labels as labels_lib
 from slamjax.mil import multihead
-from slamjax.mil import standardize
 
 
 def make_bag_plan(cfg, pool) -> bags_lib.BagPlan:
@@ -80,22 +77,7 @@ def _write_bags(workdir, pool, bags):
                           for c, y, w in zip(bs.cells, bs.bag_labels, bs.witness)]}
          for split, bs in bags.items()}
   out["pool_counts"] = pool.counts()
-  with open(os.path.join(workdir, "bags.json"), "w") as f:
-    json.dump(out, f)
-
-
-def linear_probe(train_x, train_y, test_x, test_y) -> dict:
-  """Logistic regression AUC / balanced accuracy of a cell-level probe."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
-  clf = make_pipeline(StandardScaler(), LogisticRegression(
-      C=0.1, max_iter=2000, class_weight="balanced"))
-  clf.fit(train_x, train_y)
-  p = clf.predict_proba(test_x)[:, 1]
-  return {"auc": float(roc_auc_score(test_y, p)),
-          "balanced_accuracy": float(balanced_accuracy_score(test_y, p >= 0.5))}
+  workdir_lib.write_json(os.path.join(workdir, workdir_lib.BAGS), out, indent=None)
 
 
 def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
@@ -123,21 +105,10 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
       f"witnesses/positive bag {sorted(set(b.num_witnesses[b.bag_labels == 1].tolist()))}"
       for s, b in bags.items()), flush=True)
 
-  t0 = time.perf_counter()
-  if cfg.pretrain.epochs > 0:
-    state = pretrain_lib.pretrain(cfg, pool, bags, workdir, mesh)
-    model = pretrain_lib.build_model(cfg)
-    if main_process:
-      history = progress.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
-      report.plot_pretrain_curves(os.path.join(workdir, "pretrain_curves.png"), history)
-  else:  # the "no pretraining" baseline: a randomly initialised encoder
-    model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
-    state = pretrain_lib.init_state(cfg, model, tx, mesh)
-  timing["pretrain"] = time.perf_counter() - t0
-  if cfg.pseudo.rounds > 0:  # slide labels as pseudo-labels (issue 27)
-    t0 = time.perf_counter()
-    state = pseudo_label.finetune(cfg, pool, bags, workdir, mesh, model, state)
-    timing["pseudo"] = time.perf_counter() - t0
+  model, state = encoder.train_or_init(cfg, pool, bags, workdir, mesh, timing)
+  if cfg.pretrain.epochs > 0 and main_process:
+    history = progress.read_jsonl(os.path.join(workdir, workdir_lib.PRETRAIN_METRICS))
+    report.plot_pretrain_curves(os.path.join(workdir, workdir_lib.PRETRAIN_CURVES), history)
 
   t0 = time.perf_counter()
   emb = {s: embed.embed_bags(cfg, model, state, pool, b, mesh) for s, b in bags.items()}
@@ -153,19 +124,14 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
 
   test_flat = np.concatenate(emb["test"])
   spread = evaluate.embedding_spread(test_flat[:: max(1, len(test_flat) // 4096)])
-  # Standardise with training-bag statistics: projection outputs have an
-  # arbitrary scale, which otherwise saturates the head at initialisation.
-  mu, sd = standardize.fit(emb["train"])
-  emb = {s: standardize.apply(es, mu, sd) for s, es in emb.items()}
-
   t0 = time.perf_counter()
   train, test = bags["train"], bags["test"]
   tasks = bag_tasks(cfg, pool)
   y_train = labels_lib.multi_labels(train, tasks[1]) if tasks else train.bag_labels
   # Every head on the same embeddings, each in workdir/mil_<head>: a rerun
   # with more heads resumes the trained ones and trains only the new ones.
-  runs = multihead.fit_predict(cfg.mil, emb["train"], y_train, {"test": emb["test"]},
-                               workdir, cfg.seed)
+  runs = multihead.fit_standardized(cfg.mil, emb["train"], y_train, {"test": emb["test"]},
+                                    workdir, cfg.seed)
   timing["mil"] = time.perf_counter() - t0
   results = {
       "witness_rate": cfg.bags.witness_rate, "bag_size": cfg.bags.bag_size,
@@ -175,10 +141,9 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
                                               tasks, r.seconds) for r in runs},
   }
   results["embedding"] = spread  # collapse measure, test cells before scaling
-  collapse_path = os.path.join(workdir, "pretrain_collapse.json")
-  if cfg.pretrain.epochs > 0 and os.path.exists(collapse_path):
-    with open(collapse_path) as f:
-      results["collapse"] = json.load(f)
+  c = workdir_lib.read_collapse(workdir) if cfg.pretrain.epochs > 0 else None
+  if c is not None:
+    results["collapse"] = c
   if tasks:
     results["tasks"] = list(tasks[0])
   pos = np.flatnonzero(test.bag_labels == 1)
@@ -204,8 +169,8 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
     crop = lambda idx: np.asarray(augment.center_crop(
         pool.images[idx], cfg.augment.crop_size)).reshape(len(idx), -1) / 255.0
     results["linear_probe"] = {
-        "raw_pixels_auc": linear_probe(crop(tr_c), tr_y, crop(te_c), te_y)["auc"],
-        "embedding_auc": linear_probe(tr_x, tr_y, te_x, te_y)["auc"]}
+        "raw_pixels_auc": evaluate.linear_probe(crop(tr_c), tr_y, crop(te_c), te_y)["auc"],
+        "embedding_auc": evaluate.linear_probe(tr_x, tr_y, te_x, te_y)["auc"]}
   timing["total"] = sum(timing.values())
   results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
 
@@ -224,7 +189,7 @@ def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
         + f" (first at step {c['first_step']}; final spread {c['final_spread']:.3f}, "
         f"NT-Xent {c['final_ntxent']:.3f} vs log(2B-1) = {c['ntxent_uniform']:.3f})"
         + (": the embeddings carry little information." if ended else ".")
-        + " See `pretrain_collapse.json`.")
+        + f" See `{workdir_lib.COLLAPSE}`.")
   print(report.write_results(
       workdir, results, intro, task_note=(
           "A task is positive when the bag holds a cell of that class; the head's bag "

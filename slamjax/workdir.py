@@ -75,6 +75,22 @@ CONFIG = "config.json"
 FINGERPRINT = "fingerprint.json"
 VERSION = 1
 
+# Names of what a run writes, in one place (writers and readers import them).
+BAGS = "bags.json"  # pipeline: the cells of every simulated bag
+PRETRAIN_CKPT = "pretrain_ckpt"
+PRETRAIN_METRICS = "pretrain_metrics.jsonl"
+PRETRAIN_CURVES = "pretrain_curves.png"
+COLLAPSE = "pretrain_collapse.json"  # slamjax.collapse's summary
+PSEUDO_CKPT = "pseudo_ckpt"  # slamjax.pseudo_label
+PSEUDO_LABELS = "pseudo_labels.npz"
+PSEUDO_ROUNDS = "pseudo_rounds.json"
+PSEUDO_METRICS = "pseudo_metrics.jsonl"
+STANDARDIZE = "standardize.npz"  # slides: embedding mean/std of the training slides
+MODEL = "model.json"  # slides: heads, thresholds, epochs, fusion of a fold/final
+MEAN_EMBEDDINGS = "mean_embeddings.npz"  # slides: what the mean_pool baseline reads
+RESULTS = "results.md"
+METRICS = "metrics.json"
+
 # What each runner writes in its workdir (glob patterns): their presence means
 # there are results to protect; resume=overwrite deletes them. The study's
 # records live in its results folder (study.results_dir, default
@@ -82,11 +98,9 @@ VERSION = 1
 OUTPUTS = {
     "slides": ("folds", "final", "results.md", "metrics.json", "oof_predictions.csv",
                "roc.png", "galleries", "unlabeled_predictions.csv"),
-    "pipeline": ("bags.json", "pretrain_ckpt", "pretrain_metrics.jsonl",
-                 "pretrain_curves.png", "pretrain_collapse.json", "pseudo_ckpt",
-                 "pseudo_labels.npz", "pseudo_rounds.json", "pseudo_metrics.jsonl",
-                 "tb", "mil_*", "other_*",
-                 "features", "results.md", "metrics.json"),
+    "pipeline": (BAGS, PRETRAIN_CKPT, PRETRAIN_METRICS, PRETRAIN_CURVES, COLLAPSE,
+                 PSEUDO_CKPT, PSEUDO_LABELS, PSEUDO_ROUNDS, PSEUDO_METRICS,
+                 "tb", "mil_*", "other_*", "features", RESULTS, METRICS),
     "features": ("mil_*", "results.md", "metrics.json"),
     "study": ("runs/*.json", "results.md", "results.csv", "*.png"),
 }
@@ -145,6 +159,12 @@ def write_json(path: str, obj, indent: int | None = 2) -> None:
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
+
+
+def read_collapse(workdir: str) -> dict | None:
+  """The collapse summary pretraining wrote in ``workdir``, or None."""
+  path = os.path.join(workdir, COLLAPSE)
+  return read_json(path) if os.path.exists(path) else None
 
 
 def write_config(workdir: str, cfg) -> None:
@@ -481,7 +501,7 @@ def check_final(workdir: str, final: str = "final") -> dict:
     raise WorkdirError(f"{d} has no {FINGERPRINT}: it was made before slamjax recorded "
                        f"what a model was trained on, so it cannot be checked. {again}")
   fp = read_json(path)
-  complete = read_json(os.path.join(d, "complete.json"))
+  complete = read_json(os.path.join(d, COMPLETE))
   if complete.get("fingerprint") != fp.get("id") or fingerprint_id(fp) != fp.get("id"):
     raise WorkdirError(f"{d} was changed after it was completed (complete.json names "
                        f"fingerprint {complete.get('fingerprint')}, {FINGERPRINT} "

@@ -34,6 +34,7 @@ import numpy as np
 
 from slamjax.mil import heads
 from slamjax.mil import options
+from slamjax.mil import standardize
 from slamjax.mil import train as mil_train
 
 
@@ -112,6 +113,20 @@ def fit_predict(mil_cfg, bags: Sequence, labels, predict_on: Mapping[str, Sequen
     outputs = {split: predict(cfg, state, b) for split, b in predict_on.items()}
     runs.append(HeadRun(name, cfg, state, folder, outputs, time.perf_counter() - t0))
   return runs
+
+
+def fit_standardized(mil_cfg, bags: Sequence, labels, predict_on: Mapping[str, Sequence],
+                     workdir: str, seed: int, verbose: bool = True) -> list[HeadRun]:
+  """:func:`fit_predict` on bags z-scored with the training bags' statistics.
+
+  The MIL step of the pipeline and the study: embeddings have an arbitrary
+  scale, which otherwise saturates a head at initialisation, and only the
+  training bags may set it (:mod:`slamjax.mil.standardize`).
+  """
+  mu, sd = standardize.fit(bags)
+  return fit_predict(mil_cfg, standardize.apply(bags, mu, sd), labels,
+                     {k: standardize.apply(v, mu, sd) for k, v in predict_on.items()},
+                     workdir, seed, verbose)
 
 
 def _fit_nonparametric(fit, name, cfg, bags, labels, folder, seed, verbose):

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from slamjax import workdir as workdir_lib
 from slamjax.slides import model_selection
 from slamjax.slides import slide_features
 
@@ -38,7 +39,7 @@ ENCODERS = {
 }
 SLIDE_FEATURES = ("pixel_stats", "cell_count", "mean_pool")
 NAMES = (*ENCODERS, *SLIDE_FEATURES)
-MEAN_EMBEDDINGS = "mean_embeddings.npz"  # per fold of slam_ags: what mean_pool reads
+MEAN_EMBEDDINGS = workdir_lib.MEAN_EMBEDDINGS  # per fold of slam_ags: what mean_pool reads
 
 
 def method_config(cfg, method: str):

@@ -14,15 +14,14 @@ epochs, thresholds, fusion weights), which :mod:`slamjax.predict` reads back.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
 from slamjax import embed
-from slamjax import pretrain as pretrain_lib
-from slamjax.checkpoint import Checkpointer
+from slamjax import encoder
+from slamjax import workdir as workdir_lib
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
 from slamjax.config.validate import names as config_names
@@ -55,21 +54,6 @@ def pretraining_bags(cfg, cohort, train_idx: np.ndarray) -> bags_lib.BagSet:
                          classes=[np.zeros(len(c), np.int32) for c in cells])
 
 
-def load_encoder(cfg, workdir: str, mesh):
-  """(model, state) of the encoder in ``workdir`` (random init if it has none
-  because ``pretrain.epochs == 0``)."""
-  model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
-  state = pretrain_lib.init_state(cfg, model, tx, mesh)
-  path = os.path.join(workdir, "pretrain_ckpt")
-  if cfg.pretrain.epochs > 0:
-    ckpt = Checkpointer(path)
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"No encoder checkpoint in {path}")
-    state = ckpt.restore(state)
-    ckpt.close()
-  return model, state
-
-
 def embed_slides(cfg, model, state, cohort, idx, mesh) -> list[np.ndarray]:
   """One [n_cells, D] float32 array per slide of ``idx`` (cells embedded once)."""
   return embed.embed_groups(cfg, model, state, cohort.images,
@@ -95,22 +79,16 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
   """
   os.makedirs(workdir, exist_ok=True)
   timing = {}
-  t0 = time.perf_counter()
-  pool = cell_pool(cohort)
-  if cfg.pretrain.epochs > 0:
-    state = pretrain_lib.pretrain(cfg, pool, {"train": pretraining_bags(cfg, cohort, train_idx)},
-                                  workdir, mesh)
-    model = pretrain_lib.build_model(cfg)
-  else:  # the random-init baseline
-    model, state = load_encoder(cfg, workdir, mesh)
-  timing["pretrain"] = time.perf_counter() - t0
+  model, state = encoder.train_or_init(
+      cfg, cell_pool(cohort), {"train": pretraining_bags(cfg, cohort, train_idx)},
+      workdir, mesh, timing)
 
   t0 = time.perf_counter()
   names = ["train", *predict]
   sets = {"train": np.asarray(train_idx), **{k: np.asarray(v) for k, v in predict.items()}}
   emb = {k: embed_slides(cfg, model, state, cohort, v, mesh) for k, v in sets.items()}
   mu, sd = standardize.fit(emb["train"])
-  np.savez(os.path.join(workdir, "standardize.npz"), mean=mu, std=sd)
+  np.savez(os.path.join(workdir, workdir_lib.STANDARDIZE), mean=mu, std=sd)
   emb = {k: standardize.apply(v, mu, sd) for k, v in emb.items()}
   # What the mean_pool baseline reads: the mean embedding of every slide.
   slides_all = np.concatenate([sets[k] for k in names])
@@ -138,14 +116,12 @@ def train_model(cfg, cohort, train_idx: np.ndarray, predict: dict, workdir: str,
     out["outputs"][f.name] = {
         k: model_selection.predict_head(f.cfg, f.state, emb[k], feats.get(k), f.fusion)
         for k in predict}
-  with open(os.path.join(workdir, "model.json"), "w") as fh:
-    json.dump({"task_names": list(cohort.task_names), "heads": [f.name for f in fits],
-               "thresholds": out["thresholds"],
-               "epochs": {f.name: f.epochs for f in fits},
-               "slide_features": list(config_names(cfg.mil.slide_features)),
-               "fusion": {f.name: [lr.to_json() for lr in f.fusion] for f in fits
-                          if f.fusion},
-               "num_training_slides": int(len(sets["train"]))}, fh, indent=2)
+  workdir_lib.write_json(os.path.join(workdir, workdir_lib.MODEL), {
+      "task_names": list(cohort.task_names), "heads": [f.name for f in fits],
+      "thresholds": out["thresholds"], "epochs": {f.name: f.epochs for f in fits},
+      "slide_features": list(config_names(cfg.mil.slide_features)),
+      "fusion": {f.name: [lr.to_json() for lr in f.fusion] for f in fits if f.fusion},
+      "num_training_slides": int(len(sets["train"]))})
   return out
 
 

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from slamjax import collapse  # noqa: E402
 from slamjax import evaluate  # noqa: E402
 from slamjax import report  # noqa: E402
+from slamjax import workdir as workdir_lib  # noqa: E402
 
 METRICS = ("auc", "balanced_accuracy", "brier", "f1", "sensitivity", "specificity")
 
@@ -98,11 +99,7 @@ def degenerate_lines(records: dict, task_names) -> list[str]:
 
 def collapse_summary(cfg, workdir: str) -> dict | None:
   """Whether pretraining collapsed the projection (None without pretraining)."""
-  path = os.path.join(workdir, "pretrain_collapse.json")
-  if cfg.pretrain.epochs == 0 or not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_collapse(workdir) if cfg.pretrain.epochs > 0 else None
 
 
 def write_predictions(path: str, slide_ids, task_names, probs: dict, thresholds: dict,
@@ -276,7 +273,7 @@ def final_collapse_line(cfg, final_dir: str) -> str | None:
     return None
   detail = (f"final spread {c.get('final_spread', float('nan')):.3f}, NT-Xent "
             f"{c.get('final_ntxent', float('nan')):.3f} vs log(2B-1) = "
-            f"{c.get('ntxent_uniform', float('nan')):.3f}; `final/pretrain_collapse.json`")
+            f"{c.get('ntxent_uniform', float('nan')):.3f}; `final/{workdir_lib.COLLAPSE}`")
   if state == "end":
     return (f"**Warning: the final model's pretraining ended collapsed** ({detail}): its "
             "embeddings carry little information about the cells, and so do its "

@@ -23,7 +23,6 @@ Example (on any features)::
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -52,24 +51,6 @@ def probe_cells(cfg, pool, cells_per_class: int = 600) -> dict:
                   np.concatenate([np.zeros(len(normal), np.int64),
                                   np.ones(len(abnormal), np.int64)]))
   return out
-
-
-def restore_encoder(cfg, workdir: str, mesh):
-  """(model, state): the run's final encoder (random init without pretraining)."""
-  from slamjax import checkpoint as ckpt_lib
-  from slamjax import pretrain as pretrain_lib
-  model, tx, _ = pretrain_lib.build(cfg, steps_per_epoch=1)
-  state = pretrain_lib.init_state(cfg, model, tx, mesh)
-  if cfg.pretrain.epochs > 0:
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain_ckpt"))
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no pretraining checkpoint in {workdir}")
-    state = ckpt.restore(state)
-    ckpt.close()
-  if cfg.pseudo.rounds > 0:
-    from slamjax import pseudo_label
-    state = pseudo_label.restore(cfg, workdir, state, mesh)
-  return model, state
 
 
 def _projection(z):
@@ -119,22 +100,17 @@ def _auc(y, s) -> float:
 
 def probe_aucs(train_x, train_y, test_x, test_y, knn_k: int = 20) -> dict:
   """Linear-probe and kNN AUC (witness vs normal) and the test-cell scores."""
-  from sklearn.linear_model import LogisticRegression
   from sklearn.neighbors import KNeighborsClassifier
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
+  from slamjax import evaluate
+  lin = evaluate.linear_probe(train_x, train_y, test_x, test_y)
   train_x = np.nan_to_num(np.asarray(train_x, np.float64))
   test_x = np.nan_to_num(np.asarray(test_x, np.float64))
-  lin = make_pipeline(StandardScaler(), LogisticRegression(
-      C=0.1, max_iter=2000, class_weight="balanced"))
-  lin.fit(train_x, train_y)
-  s_lin = lin.predict_proba(test_x)[:, 1]
   norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   knn = KNeighborsClassifier(n_neighbors=min(knn_k, len(train_y)), metric="cosine")
   knn.fit(norm(train_x), train_y)
   s_knn = knn.predict_proba(norm(test_x))[:, 1]
-  return {"linear_auc": _auc(test_y, s_lin), "knn_auc": _auc(test_y, s_knn),
-          "linear_scores": s_lin, "knn_scores": s_knn}
+  return {"linear_auc": lin["auc"], "knn_auc": _auc(test_y, s_knn),
+          "linear_scores": lin["scores"], "knn_scores": s_knn}
 
 
 def evaluate_encoder(cfg, workdir, pool, bagsets, mesh, cells_per_class: int = 600,
@@ -147,7 +123,8 @@ def evaluate_encoder(cfg, workdir, pool, bagsets, mesh, cells_per_class: int = 6
   (the last one is not JSON: the caller uses it and drops it).
   """
   from slamjax import evaluate
-  model, state = restore_encoder(cfg, workdir, mesh)
+  from slamjax import encoder
+  model, state = encoder.load(cfg, workdir, mesh)
   probes = probe_cells(cfg, pool, cells_per_class)
   bag_rows = {s: np.concatenate(b.cells) for s, b in bagsets.items()}
   rows = np.unique(np.concatenate([probes["train"][0], probes["test"][0]]
@@ -175,11 +152,9 @@ def mil_on_features(cfg, bag_emb: dict, bagsets, workdir: str) -> dict:
   pipeline does: standardised with training-bag statistics); head results."""
   from slamjax import evaluate
   from slamjax.mil import multihead
-  flat = np.concatenate(bag_emb["train"])
-  mu, sd = flat.mean(0), flat.std(0) + 1e-6
-  emb = {s: [(e - mu) / sd for e in es] for s, es in bag_emb.items()}
   train, test = bagsets["train"], bagsets["test"]
-  runs = multihead.fit_predict(cfg.mil, emb["train"], train.bag_labels,
-                               {"test": emb["test"]}, workdir, cfg.seed, verbose=False)
+  runs = multihead.fit_standardized(cfg.mil, bag_emb["train"], train.bag_labels,
+                                    {"test": bag_emb["test"]}, workdir, cfg.seed,
+                                    verbose=False)
   return {r.name: evaluate.head_results(test, r.outputs["test"], cfg.eval.top_k, None,
                                         r.seconds) for r in runs}

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from slamjax import workdir as workdir_lib
 from slamjax.study import methods as methods_lib
 
 _HISTORY_KEYS = ("step", "loss_simclr", "loss_sim", "grad_cos", "embed_std", "lr",
@@ -139,7 +140,7 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
   t0 = time.perf_counter()
   pool, bagsets = _pool_and_bags(c)
   results = train.train_and_evaluate(c, workdir, pool=pool)
-  history = progress.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
+  history = progress.read_jsonl(os.path.join(workdir, workdir_lib.PRETRAIN_METRICS))
   enc = other = None
   batch_pos = None
   mesh = sharding.make_mesh(c.mesh.data)
