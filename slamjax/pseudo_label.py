@@ -12,9 +12,12 @@ witnesses. This stage, after SimCLR or SLAM-AGS pretraining, runs
    (``embed.output``).
 2. **Label** the ``pseudo.per_bag[r]`` most novel cells of each positive bag
    pseudo-positive (default one: a positive bag is only known to hold at
-   least one witness, whatever the witness rate); a cell that also sits in
-   a negative bag is a known negative and is never chosen. Labels are
-   re-chosen every round by the improving encoder.
+   least one witness, whatever the witness rate). Labels are re-chosen
+   every round by the improving encoder. A cell is never its own reference:
+   exact copies are left out of its neighbours, so a cell that simulated
+   bags reuse in a negative bag is scored as a new slide's cell would be
+   (real slides share no cells; treating such a cell as a known negative
+   would leak the simulation's witness labels).
 3. **Fine-tune** the encoder for ``pseudo.steps_per_round`` steps with
    :func:`slamjax.losses.pseudo_supcon` on two augmented views: batches of
    ``pseudo.positive_share`` pseudo-positives and other training cells;
@@ -113,16 +116,17 @@ def make_train_step(cfg, model, tx, mesh):
 
 
 def cell_sets(bagset) -> tuple[np.ndarray, np.ndarray]:
-  """(cells of negative bags, cells only in positive bags): unique pool indices."""
+  """(cells of negative bags, cells of positive bags): unique pool indices."""
   neg = [c for c, y in zip(bagset.cells, bagset.bag_labels) if y == 0]
   pos = [c for c, y in zip(bagset.cells, bagset.bag_labels) if y == 1]
   neg = np.unique(np.concatenate(neg)) if neg else np.zeros(0, np.int64)
   pos = np.unique(np.concatenate(pos)) if pos else np.zeros(0, np.int64)
-  return neg, np.setdiff1d(pos, neg)
+  return neg, pos
 
 
 def score_cells(cfg, model, state, pool, bagset, mesh) -> dict[int, float]:
-  """Negative-reference novelty of every cell that sits only in positive bags."""
+  """Negative-reference novelty of every positive-bag cell (exact copies of
+  a cell in the negative bags are not its neighbours)."""
   neg, pos = cell_sets(bagset)
   if not len(neg) or not len(pos):
     raise ValueError("the pseudo-label stage needs training bags of both labels; got "
@@ -134,7 +138,7 @@ def score_cells(cfg, model, state, pool, bagset, mesh) -> dict[int, float]:
 
 def choose_positives(bagset, novelty: dict[int, float], per_bag: int) -> np.ndarray:
   """Pool indices of the pseudo-positives: in each positive bag, the
-  ``per_bag`` most novel cells among those that never sit in a negative bag.
+  ``per_bag`` most novel of its scored cells.
 
   >>> import types
   >>> b = types.SimpleNamespace(cells=[np.array([0, 1, 2]), np.array([3, 4, 5])],
@@ -228,8 +232,7 @@ def finetune(cfg, pool, bags, workdir: str, mesh, model, state):
     with open(rounds_path) as f:
       records = [r for r in json.load(f) if r["round"] in labels]
   batch_size = max(mesh.size, cfg.pretrain.batch_size - cfg.pretrain.batch_size % mesh.size)
-  neg, only_pos = cell_sets(train)
-  all_cells = np.union1d(neg, only_pos)
+  all_cells = np.union1d(*cell_sets(train))
   jsonl = (progress_lib.JsonlWriter(os.path.join(workdir, METRICS), resume_step=start)
            if main_process else None)
   tb = progress_lib.create_writer(os.path.join(workdir, "tb", "pseudo"))
