@@ -5,12 +5,13 @@ is a known negative, and a positive bag is mostly negatives plus a few
 witnesses. This stage, after SimCLR or SLAM-AGS pretraining, runs
 ``pseudo.rounds`` rounds of:
 
-1. **Score** every training-bag cell with the current encoder by its
-   negative-reference novelty (:func:`slamjax.mil.negref.knn_novelty`: one
-   minus the mean cosine similarity to its ``pseudo.knn_k`` nearest
+1. **Score** every positive-bag cell with the current encoder by its
+   negative-reference score (:func:`slamjax.mil.negref.cell_scores`, kind
+   ``mil.negref.score``: by default its mean cosine similarity to its
+   ``mil.negref.k`` nearest positive-bag cells minus that to its nearest
    negative-bag cells), on the features the MIL heads read
    (``embed.output``).
-2. **Label** the ``pseudo.per_bag[r]`` most novel cells of each positive bag
+2. **Label** the ``pseudo.per_bag[r]`` highest-scored cells of each positive bag
    pseudo-positive (default one: a positive bag is only known to hold at
    least one witness, whatever the witness rate). Labels are re-chosen
    every round by the improving encoder. A cell is never its own reference:
@@ -33,7 +34,7 @@ per round in ``workdir/pseudo_rounds.json``.
 
 Example (scoring and labelling, without the encoder)::
 
-  positives = choose_positives(bags["train"], novelty, per_bag=1)
+  positives = choose_positives(bags["train"], scores, per_bag=1)
 """
 
 from __future__ import annotations
@@ -125,20 +126,25 @@ def cell_sets(bagset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_cells(cfg, model, state, pool, bagset, mesh) -> dict[int, float]:
-  """Negative-reference novelty of every positive-bag cell (exact copies of
-  a cell in the negative bags are not its neighbours)."""
+  """Negative-reference score (``mil.negref.score``) of every positive-bag
+  cell; a cell is never its own neighbour (exact copies are skipped)."""
   neg, pos = cell_sets(bagset)
   if not len(neg) or not len(pos):
     raise ValueError("the pseudo-label stage needs training bags of both labels; got "
                      f"{len(neg)} negative-bag and {len(pos)} positive-bag cells")
   emb = embed.embed_rows(cfg, model, state, pool.images, np.concatenate([neg, pos]), mesh)
-  novelty = negref.knn_novelty(emb[len(neg):], emb[:len(neg)], int(cfg.pseudo.knn_k))
-  return dict(zip(pos.tolist(), np.asarray(novelty, np.float64).tolist()))
+  e_neg, e_pos = emb[:len(neg)], emb[len(neg):]
+  none = lambda n: np.full(n, -1, np.int32)
+  score = cfg.mil.negref.score
+  refs = negref.references(e_neg, none(len(neg)), e_pos, none(len(pos)), score,
+                           int(cfg.mil.negref.bank_size), cfg.seed)
+  s = negref.cell_scores(e_pos, score, int(cfg.mil.negref.k), *refs)
+  return dict(zip(pos.tolist(), np.asarray(s, np.float64).tolist()))
 
 
-def choose_positives(bagset, novelty: dict[int, float], per_bag: int) -> np.ndarray:
+def choose_positives(bagset, scores: dict[int, float], per_bag: int) -> np.ndarray:
   """Pool indices of the pseudo-positives: in each positive bag, the
-  ``per_bag`` most novel of its scored cells.
+  ``per_bag`` highest-scored of its scored cells.
 
   >>> import types
   >>> b = types.SimpleNamespace(cells=[np.array([0, 1, 2]), np.array([3, 4, 5])],
@@ -150,10 +156,10 @@ def choose_positives(bagset, novelty: dict[int, float], per_bag: int) -> np.ndar
   for cells, y in zip(bagset.cells, bagset.bag_labels):
     if y != 1:
       continue
-    cand = [c for c in np.asarray(cells).tolist() if c in novelty]
+    cand = [c for c in np.asarray(cells).tolist() if c in scores]
     if not cand:
       continue
-    order = np.argsort([-novelty[c] for c in cand], kind="stable")
+    order = np.argsort([-scores[c] for c in cand], kind="stable")
     chosen.extend(cand[i] for i in order[:int(per_bag)])
   return np.unique(np.asarray(chosen, np.int64))
 
@@ -264,7 +270,7 @@ def finetune(cfg, pool, bags, workdir: str, mesh, model, state):
         quality = (f"; precision {rec['precision']:.2f}, recall {rec['recall']:.2f} "
                    "against the true witnesses" if "precision" in rec else "")
         print(f"pseudo: round {r + 1}/{ps.rounds}: {rec['num_positives']} pseudo-positive "
-              f"cells (the {take} most novel of each positive bag){quality}", flush=True)
+              f"cells (the {take} highest-scored of each positive bag){quality}", flush=True)
       positives = labels[r]
       others = np.setdiff1d(all_cells, positives)
     idx, flag = batch_indices(cfg.seed, step, positives, others, batch_size,

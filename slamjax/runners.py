@@ -4,7 +4,7 @@ Each runner is ``fn(cfg, workdir) -> dict`` (its results). They are imported
 only when chosen, so a features-only run never imports the image pipeline.
 
 * ``pipeline``: simulated bags from a cell pool -> pretraining -> embeddings
-  -> MIL heads -> metrics (:func:`slamjax.train.train_and_evaluate`).
+  -> MIL heads -> metrics (:func:`slamjax.pipeline.train_and_evaluate`).
 * ``features``: MIL heads on a folder of feature files
   (:func:`slamjax.features.pipeline.train_and_evaluate_features`).
 * ``study``: many pipeline runs: methods x witness rates x seeds
@@ -24,7 +24,7 @@ from typing import Callable
 
 # name -> "module:function"
 RUNNERS = {
-    "pipeline": "slamjax.train:train_and_evaluate",
+    "pipeline": "slamjax.pipeline:train_and_evaluate",
     "features": "slamjax.features.pipeline:train_and_evaluate_features",
     "study": "slamjax.study.run:run_study",
     "slides": "slamjax.slides.run:run_slides",

@@ -154,7 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Pseudo-label contrastive stage after pretraining (ItS2CLR-style,
   # slamjax/pseudo_label.py); rounds=0 = off. Each round scores the training
-  # cells by negative-reference novelty, labels the per_bag[r] most novel
+  # cells as head negref does (mil.negref), labels the per_bag[r] top
   # cells of every positive bag positive, and fine-tunes the encoder
   # with a supervised-contrastive loss whose only class that pulls together
   # is the pseudo-positives (every other cell keeps SimCLR's own-view pair).
@@ -166,7 +166,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.pseudo.per_bag = (1,)
   c.pseudo.positive_share = 0.25  # of each batch: pseudo-positive cells
   c.pseudo.lr = 0.01
-  c.pseudo.knn_k = 10  # neighbours of the negative-reference novelty
   c.pseudo.checkpoint_every_steps = 50
 
   c.embed = ml_collections.ConfigDict()
@@ -225,11 +224,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Top-k MIL (Campanella et al. 2019): a cell classifier whose bag logit is
   # the mean of its k highest cell logits; k=1 is the paper's max rule.
   c.mil.topk = ml_collections.ConfigDict(dict(k=1))
-  # Negative-reference scoring (non-parametric): a cell's novelty is one
-  # minus its mean cosine similarity to its k nearest negative-bag cells;
-  # the bag score is the largest novelty, calibrated to a probability by a
-  # logistic regression on the training bags (slamjax/mil/negref.py).
-  c.mil.negref = ml_collections.ConfigDict(dict(k=10, bank_size=16384))
+  # Negative-reference scoring (non-parametric, slamjax/mil/negref.py): a
+  # cell's score is its mean cosine similarity to its k nearest positive-bag
+  # cells minus that to its k nearest negative-bag cells ("ratio", a k-NN
+  # density ratio) or 1 minus the latter ("novelty"); the bag score is its
+  # largest cell score, calibrated by a logistic regression on the training bags.
+  c.mil.negref = ml_collections.ConfigDict(dict(k=10, bank_size=16384, score="ratio"))
   c.mil.mecds = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=8, top_p=0.5,
       instance_attention="full",  # or "none" (no N x N; for huge bags)

@@ -166,7 +166,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _range("pseudo.steps_per_round", ps.steps_per_round, 1, inf, integer=True)
     _range("pseudo.positive_share", ps.positive_share, 0, 1, lo_open=True, hi_open=True)
     _range("pseudo.lr", ps.lr, 0, inf, lo_open=True)
-    _range("pseudo.knn_k", ps.knn_k, 1, inf, integer=True)
     _range("pseudo.checkpoint_every_steps", ps.checkpoint_every_steps, 1, inf, integer=True)
     if not len(ps.per_bag):
       raise ValueError("config.pseudo.per_bag is empty; give the pseudo-positive cells "

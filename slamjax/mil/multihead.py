@@ -1,6 +1,6 @@
 """Several MIL heads trained on the same bags, each in its own folder.
 
-The MIL part shared by the image pipeline (:mod:`slamjax.train`) and
+The MIL part shared by the image pipeline (:mod:`slamjax.pipeline`) and
 features mode (:mod:`slamjax.features.pipeline`): ``config.mil.heads`` names
 the heads to train, in order; every other ``config.mil`` key is shared by all
 of them (head-specific keys live in their own sections: ``pamil``, ``asmil``,

@@ -1,18 +1,31 @@
 """Negative-reference scoring: a non-parametric MIL head.
 
-A cell's novelty is one minus its mean cosine similarity to its k nearest
-cells of the negative training bags (the bank); a bag's score is the largest
-novelty of its cells, turned into a probability by a 1-D logistic regression
-fitted on the training bags' scores. Cells rank by novelty. No gradients:
-:func:`fit` returns a dict of numpy arrays, and
-:func:`slamjax.mil.multihead.fit_predict` runs it as head ``negref``
-(``config.mil.negref``: ``k``, ``bank_size``), saving that dict as
-``mil_negref/negref.npz`` for reruns.
+Every cell of a negative training bag is a known negative; a positive bag is
+negatives plus a few witnesses. ``config.mil.negref.score`` picks how a cell
+is scored against these references (cosine similarities, k nearest rows):
 
-A negative training bag is scored against the bank without its own cells
-(group exclusion), so its score is what an unseen negative bag would get and
-the calibration transfers to test bags. A cell never counts a copy of itself
-(cosine > 1 - 1e-6), since the same cell may recur in several bags.
+* ``"ratio"`` (default): its mean similarity to its k nearest positive-bag
+  cells minus that to its k nearest negative-bag cells, a k-NN estimate of
+  the density ratio p_pos(x) / p_neg(x), which is monotone in the
+  probability that x is a witness (negative-unlabeled learning). A normal
+  cell is as close to both references; a witness has its like only among
+  the positive bags. The two references hold the same number of distinct
+  cells, so that neither is denser by its size alone.
+* ``"novelty"``: one minus its mean similarity to its k nearest negative-bag
+  cells (one-class: how unlike every negative it is).
+
+A bag's score is the largest score of its cells, turned into a probability
+by a 1-D logistic regression fitted on the training bags' scores; cells rank
+by score. No gradients: :func:`fit` returns a dict of numpy arrays, and
+:func:`slamjax.mil.multihead.fit_predict` runs it as head ``negref``
+(``config.mil.negref``: ``k``, ``bank_size``, ``score``), saving that dict
+as ``mil_negref/negref.npz`` for reruns.
+
+A training bag is scored without its own cells in the references (group
+exclusion), so its score is what an unseen bag would get and the
+calibration transfers to test bags. A cell never counts a copy of itself
+(cosine > 1 - 1e-6), and each reference keeps one copy of a repeated cell,
+since simulated bags reuse cells.
 
 Example:
   >>> import numpy as np
@@ -21,10 +34,10 @@ Example:
   >>> for b in bags[1::2]:
   ...   b[0] = [0, 0, 0, 4]  # the witness: a direction no negative cell takes
   >>> labels = np.array([0, 1] * 4)
-  >>> cfg = {"negref": {"k": 3, "bank_size": 100}}
+  >>> cfg = {"negref": {"k": 3, "bank_size": 100, "score": "novelty"}}
   >>> state = fit(cfg, bags, labels, seed=0)
   >>> sorted(state), state["bank"].shape
-  (['bank', 'bank_group', 'coef', 'intercept', 'k'], (24, 4))
+  (['bank', 'bank_group', 'coef', 'intercept', 'k', 'pos_bank', 'pos_group', 'score'], (24, 4))
   >>> out = predict(cfg, state, bags)
   >>> out["prob"].shape, bool((out["prob"][1::2] > out["prob"][::2]).all())
   ((8, 1), True)
@@ -52,7 +65,7 @@ def _normalise(x):
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def _chunk_novelty(q, qg, bank, bg, k: int):
+def _chunk_similarity(q, qg, bank, bg, k: int):
   # HIGHEST: the duplicate test needs float32 cosines, not bf16 passes.
   sim = jnp.dot(_normalise(q), _normalise(bank).T, precision=jax.lax.Precision.HIGHEST)
   same = (qg[:, None] >= 0) & (qg[:, None] == bg[None, :])
@@ -60,13 +73,18 @@ def _chunk_novelty(q, qg, bank, bg, k: int):
   top, _ = jax.lax.top_k(sim, k)
   ok = jnp.isfinite(top)
   # No neighbour left (tiny bank): similarity 0, novelty 1.
-  mean = jnp.sum(jnp.where(ok, top, 0.0), -1) / jnp.maximum(jnp.sum(ok, -1), 1)
-  return 1.0 - mean
+  return jnp.sum(jnp.where(ok, top, 0.0), -1) / jnp.maximum(jnp.sum(ok, -1), 1)
 
 
 def knn_novelty(query, bank, k: int, query_group=None, bank_group=None,
                 chunk: int = CHUNK) -> np.ndarray:
-  """1 - mean cosine similarity of each query row to its k nearest bank rows.
+  """1 - :func:`knn_similarity`: how unlike its k nearest bank rows each query is."""
+  return 1.0 - knn_similarity(query, bank, k, query_group, bank_group, chunk)
+
+
+def knn_similarity(query, bank, k: int, query_group=None, bank_group=None,
+                   chunk: int = CHUNK) -> np.ndarray:
+  """Mean cosine similarity of each query row to its k nearest bank rows.
 
   Args:
     query: [n, D]; bank: [m, D] (rows are L2-normalised here).
@@ -78,15 +96,13 @@ def knn_novelty(query, bank, k: int, query_group=None, bank_group=None,
       program serves every chunk and memory stays at [chunk, m].
 
   Returns:
-    [n] float32 novelty (1 where no bank row is left).
+    [n] float32 similarity (0 where no bank row is left).
   """
   query = np.asarray(query, np.float32)
   bank = np.asarray(bank, np.float32)
   n, m = len(query), len(bank)
-  if n == 0:
-    return np.zeros((0,), np.float32)
-  if m == 0:
-    return np.ones((n,), np.float32)
+  if n == 0 or m == 0:
+    return np.zeros((n,), np.float32)
   qg = np.full(n, -1, np.int32) if query_group is None else np.asarray(query_group, np.int32)
   bg = np.full(m, -1, np.int32) if bank_group is None else np.asarray(bank_group, np.int32)
   chunk = min(chunk, n)
@@ -95,14 +111,59 @@ def knn_novelty(query, bank, k: int, query_group=None, bank_group=None,
   qg = np.concatenate([qg, np.full(pad, -1, np.int32)])
   bank_d, bg_d = jnp.asarray(bank), jnp.asarray(bg)
   k = max(1, min(int(k), m))
-  out = [_chunk_novelty(query[i:i + chunk], qg[i:i + chunk], bank_d, bg_d, k)
+  out = [_chunk_similarity(query[i:i + chunk], qg[i:i + chunk], bank_d, bg_d, k)
          for i in range(0, len(query), chunk)]
   return np.asarray(jnp.concatenate(out))[:n]
 
 
+SCORES = ("ratio", "novelty")
+
+
 def _section(cfg):
   c = cfg["negref"]  # a ConfigDict or a plain dict
-  return int(c["k"]), int(c["bank_size"])
+  score = c["score"] if "score" in c else "ratio"
+  if score not in SCORES:
+    raise ValueError(f"config.mil.negref.score={score!r}; valid: {list(SCORES)}")
+  return int(c["k"]), int(c["bank_size"]), score
+
+
+def reference(cells, groups, size: int, seed: int):
+  """(rows, groups) of a reference: one copy of each distinct row, then a
+  random subset of ``size`` rows (drawn with ``seed``) if there are more."""
+  _, first = np.unique(cells, axis=0, return_index=True)
+  first = np.sort(first)
+  if len(first) > size:
+    first = np.sort(np.random.default_rng(seed).choice(first, size, replace=False))
+  return cells[first], groups[first]
+
+
+def references(neg, neg_group, pos, pos_group, score: str, bank_size: int, seed: int):
+  """(neg, neg_group, pos, pos_group) references of ``score``: distinct rows;
+  for "ratio" both of min(distinct negatives, distinct positives,
+  ``bank_size``) rows; for "novelty" no positive rows."""
+  if score == "ratio":  # equal sizes: neither reference denser by its size alone
+    size = min(len(np.unique(neg, axis=0)), len(np.unique(pos, axis=0)), bank_size)
+    pos, pos_group = reference(pos, pos_group, size, seed + 1)
+  else:
+    size, pos, pos_group = bank_size, pos[:0], pos_group[:0]
+  return (*reference(neg, neg_group, size, seed), pos, pos_group)
+
+
+def cell_scores(query, score: str, k: int, neg, neg_group, pos=None, pos_group=None,
+                query_group=None) -> np.ndarray:
+  """Per query row: ``"novelty"`` (1 - similarity to the negatives) or
+  ``"ratio"`` (similarity to the positives - similarity to the negatives).
+
+  >>> neg = np.array([[1.0, 0.0], [0.9, 0.1]]); pos = np.array([[1.0, 0.05], [0.0, 1.0]])
+  >>> q = np.array([[0.95, 0.05], [0.1, 0.9]])
+  >>> s = cell_scores(q, "ratio", 1, neg, np.array([-1, -1]), pos, np.array([-1, -1]))
+  >>> bool(s[1] > s[0])
+  True
+  """
+  sim_neg = knn_similarity(query, neg, k, query_group, neg_group)
+  if score == "novelty":
+    return 1.0 - sim_neg
+  return knn_similarity(query, pos, k, query_group, pos_group) - sim_neg
 
 
 def _one_label(labels) -> np.ndarray:
@@ -121,57 +182,69 @@ def _bag_scores(bags, novelty) -> np.ndarray:
 
 
 def fit(cfg, bags, labels, seed: int) -> dict:
-  """Bank of negative-bag cells and the calibration of bag scores.
+  """References and the calibration of bag scores.
 
   ``labels`` is [n] (or [n, 1]) with 0/1 and NaN = unknown (left out of the
-  bank and the calibration). Returns numpy arrays: ``bank`` [m, D] (every cell
-  of the negative bags, or a random subset of ``negref.bank_size`` drawn with
-  ``seed``), ``bank_group`` [m] (their bag index), ``coef`` and ``intercept``
-  [1] (logistic regression, balanced classes, of label on bag score:
-  probability = sigmoid(coef * score + intercept)), and the
-  ``k`` the calibration holds for (:func:`predict` uses it).
+  references and the calibration). Returns numpy arrays: ``bank`` [m, D] and
+  ``pos_bank`` [m', D] (the distinct cells of the negative / positive bags;
+  with score "ratio" both hold min(distinct negatives, distinct positives,
+  ``negref.bank_size``) rows, drawn with ``seed``; with "novelty" the
+  positive one is empty), ``bank_group`` / ``pos_group`` (their bag
+  index), ``coef`` and ``intercept`` [1] (logistic regression, balanced
+  classes, of label on bag score: probability = sigmoid(coef * score +
+  intercept)), and the ``k`` and ``score`` the calibration holds for
+  (:func:`predict` uses them).
   """
   from sklearn.linear_model import LogisticRegression  # heavy import: only here
-  k, bank_size = _section(cfg)
+  k, bank_size, score = _section(cfg)
   y = _one_label(labels)
   known = np.flatnonzero(np.isfinite(y))
   if len(np.unique(y[known])) != 2:
     raise ValueError("negref needs negative and positive training bags")
-  neg = [i for i in known if y[i] == 0]
-  bank = np.concatenate([np.asarray(bags[i], np.float32) for i in neg])
-  group = np.concatenate([np.full(len(bags[i]), i, np.int32) for i in neg])
-  if len(bank) > bank_size:
-    keep = np.sort(np.random.default_rng(seed).choice(len(bank), bank_size, replace=False))
-    bank, group = bank[keep], group[keep]
+
+  def cells_of(label):
+    idx = [i for i in known if y[i] == label]
+    return (np.concatenate([np.asarray(bags[i], np.float32) for i in idx]),
+            np.concatenate([np.full(len(bags[i]), i, np.int32) for i in idx]))
+
+  neg, neg_group = cells_of(0)
+  pos, pos_group = cells_of(1)
+  bank, group, pos, pos_group = references(neg, neg_group, pos, pos_group, score,
+                                           bank_size, seed)
   train = [np.asarray(bags[i], np.float32) for i in known]
   q_group = np.concatenate([np.full(len(b), i, np.int32) for b, i in zip(train, known)])
-  nov = knn_novelty(np.concatenate(train), bank, k, q_group, group)
-  scores = _bag_scores(train, nov)
+  cell = cell_scores(np.concatenate(train), score, k, bank, group, pos, pos_group, q_group)
+  scores = _bag_scores(train, cell)
   # Fitted on standardised scores, so that the L2 penalty does not depend on
   # the scale of novelty; folded back into coef and intercept of raw scores.
   mu, sd = float(scores.mean()), float(scores.std()) or 1.0
   lr = LogisticRegression(class_weight="balanced").fit(((scores - mu) / sd)[:, None],
                                                         y[known].astype(int))
   coef = lr.coef_[0].astype(np.float64) / sd
-  return {"bank": bank, "bank_group": group, "coef": coef,
-          "intercept": lr.intercept_.astype(np.float64) - coef * mu, "k": np.int64(k)}
+  return {"bank": bank, "bank_group": group, "pos_bank": pos, "pos_group": pos_group,
+          "coef": coef, "intercept": lr.intercept_.astype(np.float64) - coef * mu,
+          "k": np.int64(k), "score": np.str_(score)}
 
 
 def predict(cfg, state: dict, bags) -> dict:
-  """``prob`` [n, 1] float32 and ``attention`` (per bag, novelty clipped at 0
-  and summed to 1: cells rank by novelty; uniform if all are 0).
+  """``prob`` [n, 1] float32 and ``attention`` (per bag, the cell scores
+  shifted to be >= 0 and summed to 1: cells rank by score; uniform if all
+  are equal).
 
-  Bags are scored against the whole bank, so a training negative bag scores
-  lower here than in :func:`fit` (its own cells are neighbours).
+  Bags are scored against the whole references, so a training bag scores
+  differently here than in :func:`fit` (its own cells are neighbours).
   """
   if not len(bags):
     return {"prob": np.zeros((0, 1), np.float32), "attention": []}
   bags = [np.asarray(b, np.float32) for b in bags]
-  nov = knn_novelty(np.concatenate(bags), state["bank"], int(state["k"]))
+  score = str(state["score"]) if "score" in state else "novelty"
+  nov = cell_scores(np.concatenate(bags), score, int(state["k"]), state["bank"], None,
+                    state.get("pos_bank"), None)
   z = state["coef"][0] * _bag_scores(bags, nov) + state["intercept"][0]
   prob = (1.0 / (1.0 + np.exp(-z)))[:, None].astype(np.float32)
   attention = []
-  for p in np.split(np.clip(nov, 0.0, None), np.cumsum([len(b) for b in bags])[:-1]):
+  for p in np.split(nov, np.cumsum([len(b) for b in bags])[:-1]):
+    p = p - p.min()
     total = p.sum()
     attention.append(p / total if total > 0 else np.full(len(p), 1.0 / len(p), np.float32))
   return {"prob": prob, "attention": attention}

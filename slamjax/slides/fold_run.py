@@ -9,7 +9,7 @@ Files under ``workdir``: ``pretrain_ckpt/`` and ``pretrain_metrics.jsonl``
 (the encoder), ``standardize.npz`` (embedding mean/std of the training
 cells), ``mil_<head>/`` (each head's checkpoints), ``inner/`` (the inner-CV runs
 that chose epochs and thresholds) and ``model.json`` (task names, heads,
-epochs, thresholds, fusion weights), which :mod:`slamjax.predict` reads back.
+epochs, thresholds, fusion weights), which :mod:`slamjax.slides.predict` reads back.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 r"""The ``slides`` runner: cross-validate SLAM-AGS on your own slides, then train
-the final model that :mod:`slamjax.predict` uses on new patients.
+the final model that :mod:`slamjax.slides.predict` uses on new patients.
 
   python -m slamjax.main --config configs/slides.py \
       --config.data.root=/path/to/cohort --workdir /tmp/my_cohort

@@ -1,6 +1,6 @@
 """Encoder-only measures of one study run, on backbone and projection features.
 
-After a run's pipeline (:func:`slamjax.train.train_and_evaluate`) the study
+After a run's pipeline (:func:`slamjax.pipeline.train_and_evaluate`) the study
 restores the final encoder and embeds, in one pass, both its pooled backbone
 features and its projection output for:
 
@@ -31,9 +31,9 @@ FEATURES = ("backbone", "projection")
 
 def probe_cells(cfg, pool, cells_per_class: int = 600) -> dict:
   """{split: (pool indices, 0/1 witness-class labels)} of the probe cells."""
-  from slamjax import train
+  from slamjax import pipeline
   from slamjax.data import bags as bags_lib
-  plan = train.make_bag_plan(cfg, pool)
+  plan = pipeline.make_bag_plan(cfg, pool)
   fractions = plan.split_fractions or {
       s: 1.0 / len(plan.bags_per_split) for s in plan.bags_per_split}
   splits = bags_lib.split_pool(pool.labels, fractions, cfg.seed)

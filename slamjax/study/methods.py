@@ -69,8 +69,8 @@ METHODS: dict[str, Method] = {
         "top-k MIL", "SimCLR encoder; top-k MIL cell classifier (Campanella 2019, k=1)",
         {"pretrain": dict(_SIMCLR), "mil": {"heads": ("topk",)}}),
     "negref": Method(
-        "negative reference", "SimCLR encoder; cells scored by kNN novelty against "
-        "negative-bag cells, bag score = the most novel cell",
+        "negative reference", "SimCLR encoder; cells scored by a k-NN density ratio "
+        "(positive-bag vs negative-bag cells), bag score = the highest-scored cell",
         {"pretrain": dict(_SIMCLR), "mil": {"heads": ("negref",)}}),
     "its2clr": Method(
         "pseudo-label SupCon", "SimCLR, then 3 rounds of pseudo-label supervised "

@@ -1,6 +1,6 @@
 """Runs the study: every missing (method, witness rate, seed), one record each.
 
-Every run is :func:`slamjax.train.train_and_evaluate` in ``workdir/<run id>``
+Every run is :func:`slamjax.pipeline.train_and_evaluate` in ``workdir/<run id>``
 (pretrain -> embed -> MIL heads on the method's ``embed.output`` features),
 then :func:`slamjax.study.encoder_eval.evaluate_encoder` (the final encoder
 embeds probe and bag cells once, backbone and projection together: linear
@@ -56,7 +56,7 @@ _POOLS: dict = {}
 
 def _pool_and_bags(cfg):
   """The run's cell pool (cached across runs) and bags, as the pipeline made them."""
-  from slamjax import train
+  from slamjax import pipeline
   from slamjax.data import bags as bags_lib
   from slamjax.data import sources
   key = (cfg.data.to_json_best_effort(sort_keys=True), cfg.seed)
@@ -64,7 +64,7 @@ def _pool_and_bags(cfg):
     _POOLS.clear()  # one pool at a time (seeds run one after the other)
     _POOLS[key] = sources.load_pool(cfg.data, cfg.seed)
   pool = _POOLS[key]
-  plan = train.make_bag_plan(cfg, pool)
+  plan = pipeline.make_bag_plan(cfg, pool)
   return pool, bags_lib.make_bags(pool.labels, plan, cfg.seed)
 
 
@@ -134,12 +134,12 @@ def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
   """
   from slamjax import progress
   from slamjax import sharding
-  from slamjax import train
+  from slamjax import pipeline
   from slamjax.data import batching
   from slamjax.study import encoder_eval
   t0 = time.perf_counter()
   pool, bagsets = _pool_and_bags(c)
-  results = train.train_and_evaluate(c, workdir, pool=pool)
+  results = pipeline.train_and_evaluate(c, workdir, pool=pool)
   history = progress.read_jsonl(os.path.join(workdir, workdir_lib.PRETRAIN_METRICS))
   enc = other = None
   batch_pos = None

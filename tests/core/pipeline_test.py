@@ -13,7 +13,7 @@ import pytest
 
 from configs import default
 from slamjax import config as config_lib
-from slamjax import train
+from slamjax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +76,7 @@ def test_multi_label_bags_train_heads_on_one_task_per_abnormal_class(tmp_path, f
   cfg.mil.mecds.num_layers, cfg.mil.mecds.num_heads = 1, 2
   cfg.eval.linear_probe = False
   cfg.eval.num_plot_bags = 0
-  res = train.train_and_evaluate(cfg, str(tmp_path))
+  res = pipeline.train_and_evaluate(cfg, str(tmp_path))
   assert res["tasks"] == ["blast", "erythroblast"]
   for name in ("abmil", "mecds"):
     head = res["heads"][name]

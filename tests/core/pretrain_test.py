@@ -56,13 +56,13 @@ def test_one_step_on_8_devices_equals_1_device():
 _PRETRAIN = """
 import sys
 from configs import default
-from slamjax import pretrain, sharding, train
+from slamjax import pipeline, pretrain, sharding
 import jax, numpy as np
 cfg = default.get_config("quick")
 cfg.pretrain.epochs = 3
 cfg.pretrain.checkpoint_every_steps = 2
 cfg.pretrain.log_every_steps = 1
-pool, bags = train.prepare_data(cfg)
+pool, bags = pipeline.prepare_data(cfg)
 state = pretrain.pretrain(cfg, pool, bags, sys.argv[1], sharding.make_mesh(-1))
 flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(
     (state.params, state.batch_stats, state.opt_state)))])

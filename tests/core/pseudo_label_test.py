@@ -66,7 +66,7 @@ def test_pseudo_supcon_pulls_only_the_positive_class():
 @pytest.fixture(scope="module")
 def setup():
   from configs import default
-  from slamjax import pretrain, sharding, train
+  from slamjax import pipeline, pretrain, sharding
   cfg = default.get_config("quick")
   cfg.pseudo.rounds = 2
   cfg.pseudo.steps_per_round = 3
@@ -74,7 +74,7 @@ def setup():
   cfg.pseudo.per_bag = (1, 2)
   cfg.pretrain.batch_size = 8
   cfg.pretrain.log_every_steps = 1
-  pool, bags = train.prepare_data(cfg)
+  pool, bags = pipeline.prepare_data(cfg)
   mesh = sharding.make_mesh(-1)
   model, tx, _ = pretrain.build(cfg, steps_per_epoch=1)
   state = pretrain.init_state(cfg, model, tx, mesh)

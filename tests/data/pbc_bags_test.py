@@ -41,12 +41,12 @@ def test_witness_plan_needing_more_abnormal_cells_than_exist(make_folder):
 
 
 def test_witness_plan_error_comes_before_training(make_folder):
-  train = pytest.importorskip("slamjax.train")
+  pipeline = pytest.importorskip("slamjax.pipeline")
   root = make_folder({"lymphocyte": 200, "ig": 2, "erythroblast": 1}, size=8)
   cfg = _config("pbc_lymphocyte", "quick")
   cfg.data.root, cfg.data.max_per_class = root, None
   with pytest.raises(ValueError, match=r"needs 2 abnormal cells.*only 1"):
-    train.prepare_data(cfg)
+    pipeline.prepare_data(cfg)
 
 
 @pytest.mark.parametrize("name", ["pbc_lymphocyte", "pbc_differential"])

@@ -80,7 +80,7 @@ def test_round_trip_export_then_features_matches_direct_training(tmp_path):
   pool, bags, emb = _cells_bags_embeddings()
   cfg = features_folder.get_config("quick")
   cfg.mil.epochs = 3
-  # Direct: what slamjax.train does after embedding (standardise, fit, predict).
+  # Direct: what slamjax.pipeline does after embedding (standardise, fit, predict).
   flat = np.concatenate(emb["train"])
   mu, sd = flat.mean(0), flat.std(0) + 1e-6
   std = {s: [(e - mu) / sd for e in es] for s, es in emb.items()}

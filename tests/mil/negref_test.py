@@ -131,3 +131,32 @@ def test_errors():
     mil_train.predict(cfg, None, bags)
   with pytest.raises(ValueError, match="non-parametric: it has no Flax module"):
     heads.get_spec(cfg).build(cfg, 1, None)
+
+
+def test_ratio_ignores_rare_normal_cells_that_novelty_ranks_first():
+  # Normal cells: a tight cluster plus 10% scattered outliers, in every bag;
+  # a positive bag adds one witness from a tight cluster of its own. The
+  # outliers are as unlike the negatives as the witness (novelty confuses
+  # them), but as common in positive as in negative bags (the ratio does not).
+  rng = np.random.default_rng(3)
+  dim = 16
+  centre, witness = np.eye(dim)[0] * 6, np.eye(dim)[1] * 6
+
+  def bag(positive):
+    cells = centre + rng.normal(size=(30, dim))
+    cells[:3] = rng.normal(size=(3, dim)) * 6  # outliers
+    if positive:
+      cells[5] = witness + rng.normal(size=dim)
+    return cells.astype(np.float32)
+
+  labels = np.array([0, 1] * 40)
+  bags = [bag(y) for y in labels]
+  test = [bag(1) for _ in range(40)]
+  first = {}
+  for score in ("novelty", "ratio"):
+    cfg = {"negref": {"k": 5, "bank_size": 4096, "score": score}}
+    state = negref.fit(cfg, bags, labels, seed=0)
+    out = negref.predict(cfg, state, test)
+    first[score] = np.mean([int(np.argmax(a)) == 5 for a in out["attention"]])
+  assert first["ratio"] >= 0.9, first
+  assert first["ratio"] > first["novelty"] + 0.3, first

@@ -224,7 +224,7 @@ def test_overwrite_starts_afresh_and_predict_refuses_a_foreign_final_model(train
   oof = _rows(os.path.join(wd2, "oof_predictions.csv"))
   assert {r["slide_id"]: r["label_label"] for r in oof} == labels  # the new labels
 
-  from slamjax import predict
+  from slamjax.slides import predict
   shutil.copytree(os.path.join(wd, "final"), os.path.join(wd2, "final"))  # left over
   with pytest.raises(workdir_lib.WorkdirError,
                      match=rf"final is not the final model of the run recorded in {re.escape(wd2)} "
@@ -245,7 +245,7 @@ def test_overwrite_starts_afresh_and_predict_refuses_a_foreign_final_model(train
 
 def test_predict_names_training_slides_and_scores_labels(trained, capsys):
   root, cohort, wd = trained
-  from slamjax import predict
+  from slamjax.slides import predict
   # The training cohort itself, with its labels, one slide under another id.
   rows = _rows(os.path.join(cohort, "slides.csv"))
   renamed = rows[0]["slide_id"]
