@@ -79,8 +79,12 @@ def _as_2d(labels):
 def build_tx(cfg, total_steps: int | None = None, param_labels=None):
   """Optimizer from ``cfg``: adam (L2 before Adam, as torch Adam) or adamw,
   optional global-norm clipping and cosine schedule; ``param_labels``
-  ('train'/'frozen' per leaf) freezes parameters with ``set_to_zero``."""
-  cfg = options.resolve(cfg)
+  ('train'/'frozen' per leaf) freezes parameters with ``set_to_zero``.
+
+  ``cfg`` is resolved (:func:`slamjax.mil.options.resolve`), as the public
+  entries :func:`fit`, :func:`predict` and :func:`extend` pass it: options
+  are resolved once, there.
+  """
   lr = cfg.lr
   if cfg.schedule == "cosine":
     lr = optax.cosine_decay_schedule(cfg.lr, max(int(total_steps or 1), 1))
@@ -143,7 +147,6 @@ def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
   ``train_epoch`` scans the same step over an epoch of device-resident bags
   (:func:`slamjax.mil.resident.make_epoch_fn`).
   """
-  cfg = options.resolve(cfg)
   spec = spec or heads.get_spec(cfg)
   if task_mask is None:
     task_mask = np.ones((getattr(model, "num_tasks", 1),), bool)
