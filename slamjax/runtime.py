@@ -53,10 +53,10 @@ class InputError(ValueError):
 # in sys.modules: an error can only come from a module that was imported.
 USER_ERRORS = (
     ("slamjax.runtime", "InputError"),
-    ("slamjax.data.slides", "CohortError"),
+    # Also slides.CohortError and features.dataset.FeatureDataError (aliases).
+    ("slamjax.data.slide_table", "DataError"),
     ("slamjax.data.folder", "FolderDataError"),
     ("slamjax.data.image_cache", "CacheError"),
-    ("slamjax.features.dataset", "FeatureDataError"),
     ("slamjax.models.pretrained", "InitFromError"),
     ("slamjax.workdir", "WorkdirError"),
 )

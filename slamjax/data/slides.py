@@ -12,17 +12,11 @@ or, for layouts that are not one folder per slide, a cell table
 to ``root`` or absolute); its optional 0/1 ``witness`` column marks the cells
 that make a slide positive (for retrieval metrics only; nothing needs it).
 
-Labels, two forms:
-
-* 0/1 columns (``data.label_columns``, or every column but ``slide_id``,
-  ``patient_id``, ``split`` and ``fold`` when empty): one binary task each.
-* One categorical column (``data.label_column``) with ``data.negative_label``
-  its normal value: each other value becomes a one-vs-rest task, named by the
-  value, tasks sorted.
-
-An empty (or NA/NaN) label means unlabeled: the slide is kept with NaN labels
-(left out of training and metrics, still predicted). A row must label all
-tasks or none.
+The slide table (columns, labels, unlabeled slides, ``patient_id``,
+``split``, ``fold``) is read by :mod:`slamjax.data.slide_table`, with the
+rules the features runner uses too. The slides runner has no validation
+split: ``split`` holds train or test. Unlabeled slides are left out of
+training and metrics and still predicted.
 
 Images of any size, aspect or mode become RGB, centre-cropped and resized to
 ``data.image_size`` (``image_cache.decode_cell``). Decoded cells are cached on
@@ -31,8 +25,9 @@ disk as a uint8 memmap keyed by the file list, sizes, mtimes and image size
 not bound the cohort. ``Cohort.images`` has one row per distinct file, in
 sorted absolute-path order; ``Cohort.cells[i]`` indexes the rows of slide i.
 
-Every problem with the input raises ``CohortError`` naming the file, row
-(line of the CSV) or value, and what would be valid.
+Every problem with the input raises ``CohortError`` (one class with
+``slide_table.DataError`` and the features runner's ``FeatureDataError``)
+naming the file, row (line of the CSV) or value, and what would be valid.
 
 Example:
   >>> import os, pathlib, tempfile, ml_collections
@@ -61,31 +56,32 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import unicodedata
 from typing import Sequence
 
 import numpy as np
 
 from slamjax.data import folder
 from slamjax.data import image_cache
-from slamjax.config.validate import names as config_names
+from slamjax.data import slide_table
 
-RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
-SPLITS = ("train", "test")
-# Cell values that mean "no label" (compared lower-cased).
-_MISSING = frozenset({"", "na", "n/a", "nan", "none", "null"})
-_SHOW = 8  # offending items named in one message
+RESERVED_COLUMNS = slide_table.RESERVED_COLUMNS
+SPLITS = ("train", "test")  # the split values the slides runner uses
+# Said after a bad split value: 'val' is valid in the table, not here.
+_SPLIT_NOTE = ("The slides runner has no validation split (inner folds of the "
+               "training slides choose the training length): mark those slides "
+               "'train' or 'test'")
 # A slide whose sampled cells have a median pixel standard deviation below
 # this (of 255) holds blank fields or images that decode wrongly.
 _UNIFORM_STD = 3.0
 _UNIFORM_SAMPLE = 16  # cells per slide looked at
 
 
-class CohortError(ValueError):
-  """Bad slide-cohort input; the message names the file, row or value."""
+# One error class for every runner's input, so one `except` catches all.
+CohortError = slide_table.DataError
+_fmt = slide_table.listing
+_nfc = slide_table.nfc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,18 +183,6 @@ def uniform_slides(images: np.ndarray, cells: Sequence[np.ndarray],
   return out
 
 
-def _fmt(items: Sequence[str], n: int = _SHOW) -> str:
-  items = list(items)
-  more = f" ... and {len(items) - n} more" if len(items) > n else ""
-  return "; ".join(items[:n]) + more
-
-
-def _nfc(name: str) -> str:
-  """Slide ids and folder names are compared in Unicode NFC: macOS stores
-  folder names decomposed (e + combining accent), spreadsheets composed."""
-  return unicodedata.normalize("NFC", name)
-
-
 def _near_miss(sid: str, names) -> str:
   """Why a folder almost named ``sid`` did not match it ('' if none did)."""
   for name in names:
@@ -231,42 +215,6 @@ def _display(root: str, abspath: str) -> str:
   return rel.replace(os.sep, "/")
 
 
-def _read_table(path: str, what: str) -> tuple[list[str], list[tuple[int, dict]]]:
-  """Reads a CSV -> (columns, [(line number, {column: stripped value})])."""
-  try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.reader(f)
-      header = next(reader, None)
-      if not header or not any(h.strip() for h in header):
-        raise CohortError(f"{what} {path} is empty; it needs a header row")
-      header = [h.strip() for h in header]
-      if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
-        sep = "semicolons" if ";" in header[0] else "tabs"
-        raise CohortError(
-            f"{what} {path}: its header {header[0]!r} is one column; the values "
-            f"look separated by {sep}. Save it with commas between the values "
-            "(spreadsheet programs: 'CSV UTF-8 (comma delimited)')")
-      dup = sorted({h for h in header if header.count(h) > 1})
-      if dup:
-        raise CohortError(f"{what} {path}: column(s) {dup} appear more than once")
-      rows = []
-      for row in reader:
-        if not any(v.strip() for v in row):
-          continue  # blank line
-        if len(row) != len(header):
-          raise CohortError(
-              f"{what} {path} line {reader.line_num}: {len(row)} values but the "
-              f"header has {len(header)} columns {header}")
-        rows.append((reader.line_num, {h: v.strip() for h, v in zip(header, row)}))
-  except UnicodeDecodeError as e:
-    raise CohortError(f"{what} {path} is not UTF-8 text ({e})") from None
-  except csv.Error as e:
-    raise CohortError(f"{what} {path}: not a valid CSV ({e})") from None
-  except OSError as e:
-    raise CohortError(f"Cannot read {what} {path}: {e.strerror or e}") from None
-  return header, rows
-
-
 def _list_images(root: str, slide_dir: str) -> tuple[list[str], list[str]]:
   """(sorted absolute image paths, other non-hidden files) under slide_dir."""
   images, others = [], []
@@ -278,230 +226,6 @@ def _list_images(root: str, slide_dir: str) -> tuple[list[str], list[str]]:
       p = os.path.join(dirpath, fn)
       (images if fn.lower().endswith(folder.IMAGE_EXTENSIONS) else others).append(p)
   return sorted(images), sorted(others)
-
-
-# ---------------------------------------------------------------------------
-# Labels.
-
-
-def _binary_labels(path, rows, columns, header, require_labels):
-  """0/1 columns -> (task_names, labels [n, t], errors)."""
-  missing = [c for c in columns if c not in header]
-  if missing:
-    if require_labels:
-      raise CohortError(
-          f"{path}: label column(s) {missing} named in config.data.label_columns "
-          f"are not in the CSV; its columns are {header}")
-    # Predicting on a table without labels: every slide is unlabeled.
-    return tuple(columns), np.full((len(rows), len(columns)), np.nan, np.float32)
-  labels = np.full((len(rows), len(columns)), np.nan, np.float32)
-  bad: dict[str, list[str]] = {}
-  for i, (line, row) in enumerate(rows):
-    for t, c in enumerate(columns):
-      v = row[c]
-      if v.lower() in _MISSING:
-        continue
-      try:
-        x = float(v)
-      except ValueError:
-        x = None
-      if x not in (0.0, 1.0):
-        bad.setdefault(c, []).append(f"line {line} (slide {row['slide_id']!r}): {v!r}")
-        continue
-      labels[i, t] = x
-  if bad:
-    msgs = []
-    for c, items in bad.items():
-      hint = ""
-      if any(not _is_number(r[c]) for _, r in rows if r[c].lower() not in _MISSING):
-        hint = (f" If {c!r} is a categorical column, set config.data.label_column="
-                f"{c!r} and config.data.negative_label to its normal value; or list "
-                "only the 0/1 columns in config.data.label_columns.")
-      msgs.append(f"column {c!r} has values outside {{0, 1}} at {_fmt(items)}.{hint}")
-    raise CohortError(f"{path}: " + " ".join(msgs) +
-                      " Valid label values: 0, 1, or empty for an unlabeled slide.")
-  return tuple(columns), labels
-
-
-def _is_number(v: str) -> bool:
-  try:
-    float(v)
-    return True
-  except ValueError:
-    return False
-
-
-def _categorical_labels(path, rows, column, negative, header, require_labels):
-  """One categorical column -> one-vs-rest tasks of its non-negative values."""
-  if column not in header:
-    if require_labels:
-      raise CohortError(f"{path}: config.data.label_column={column!r} is not a "
-                        f"column of the CSV; its columns are {header}")
-    return (), np.zeros((len(rows), 0), np.float32)
-  values = [row[column] for _, row in rows]
-  present = sorted({v for v in values if v.lower() not in _MISSING})
-  if not present and not require_labels:
-    return (), np.zeros((len(rows), 0), np.float32)
-  if not negative:
-    raise CohortError(
-        f"{path}: config.data.label_column={column!r} needs config.data."
-        f"negative_label, the value of a normal slide; the column holds {present}")
-  if negative not in present:
-    raise CohortError(
-        f"{path}: config.data.negative_label={negative!r} never occurs in column "
-        f"{column!r}; its values are {present} (values are compared exactly, "
-        "case-sensitively)")
-  tasks = tuple(v for v in present if v != negative)
-  if not tasks and require_labels:
-    raise CohortError(f"{path}: column {column!r} holds only the negative value "
-                      f"{negative!r}; training needs slides of another value")
-  labels = np.full((len(rows), len(tasks)), np.nan, np.float32)
-  for i, v in enumerate(values):
-    if v.lower() not in _MISSING:
-      labels[i] = [float(v == t) for t in tasks]
-  return tasks, labels
-
-
-# ---------------------------------------------------------------------------
-# The slide table.
-
-
-@dataclasses.dataclass
-class _SlideTable:
-  slide_ids: list[str]
-  lines: list[int | None]
-  task_names: tuple[str, ...]
-  labels: np.ndarray
-  patient_ids: list[str]
-  splits: list[str] | None
-  folds: np.ndarray | None
-
-
-def _parse_slides(cfg, path, require_labels) -> _SlideTable:
-  header, rows = _read_table(path, "slide table")
-  if "slide_id" not in header:
-    raise CohortError(f"{path}: no 'slide_id' column; its columns are {header}. "
-                      "The first row must be a header naming the columns.")
-  for _, r in rows:
-    r["slide_id"] = _nfc(r["slide_id"])
-  if not rows:
-    raise CohortError(f"{path} has a header but no slide rows")
-  empty = [f"line {line}" for line, r in rows if not r["slide_id"]]
-  if empty:
-    raise CohortError(f"{path}: empty slide_id at {_fmt(empty)}")
-  first: dict[str, int] = {}
-  dups = []
-  for line, r in rows:
-    sid = r["slide_id"]
-    if sid in first:
-      dups.append(f"{sid!r} at lines {first[sid]} and {line}")
-    else:
-      first[sid] = line
-  if dups:
-    raise CohortError(f"{path}: duplicate slide_id {_fmt(dups)}; each slide needs "
-                      "one row")
-
-  label_columns = config_names(cfg.label_columns)
-  label_column = cfg.label_column or ""
-  if label_columns and label_column:
-    raise CohortError(
-        f"Set either config.data.label_columns (0/1 columns, now {label_columns}) "
-        f"or config.data.label_column (one categorical column, now {label_column!r}), "
-        "not both")
-  if label_column:
-    tasks, labels = _categorical_labels(path, rows, label_column,
-                                        cfg.negative_label or "", header,
-                                        require_labels)
-    columns = (label_column,)
-  else:
-    columns = label_columns or tuple(c for c in header if c not in RESERVED_COLUMNS)
-    reserved = [c for c in label_columns if c in RESERVED_COLUMNS]
-    if reserved:
-      raise CohortError(f"config.data.label_columns names reserved column(s) "
-                        f"{reserved}; reserved: {list(RESERVED_COLUMNS)}")
-    tasks, labels = _binary_labels(path, rows, columns, header, require_labels)
-
-  if labels.shape[1] > 1:  # all tasks or none, so "unlabeled" is unambiguous
-    partial = np.isnan(labels).any(1) & ~np.isnan(labels).all(1)
-    if partial.any():
-      items = [f"line {rows[i][0]} (slide {rows[i][1]['slide_id']!r})"
-               for i in np.flatnonzero(partial)]
-      raise CohortError(
-          f"{path}: some but not all label columns {list(columns)} are empty at "
-          f"{_fmt(items)}; label every task of a slide, or leave all empty to "
-          "mark it unlabeled")
-  if require_labels:
-    if not tasks:
-      raise CohortError(
-          f"{path}: no label columns (columns: {header}); add a 0/1 column, or "
-          "name a categorical one in config.data.label_column")
-    if np.isnan(labels).all():
-      raise CohortError(f"{path}: every slide is unlabeled (label columns "
-                        f"{list(columns)} are empty); training needs labelled slides")
-
-  sids = [r["slide_id"] for _, r in rows]
-  lines = [line for line, _ in rows]
-  if "patient_id" in header:
-    empty = [f"line {line} (slide {r['slide_id']!r})" for line, r in rows
-             if not r["patient_id"]]
-    if empty:
-      raise CohortError(f"{path}: empty patient_id at {_fmt(empty)}")
-    patients = [r["patient_id"] for _, r in rows]
-  else:
-    patients = list(sids)
-
-  splits = None
-  if "split" in header:
-    splits = [r["split"].lower() for _, r in rows]
-    bad = [f"line {line} (slide {r['slide_id']!r}): {r['split']!r}"
-           for (line, r), s in zip(rows, splits) if s not in SPLITS]
-    if bad:
-      raise CohortError(f"{path}: column 'split' must be one of {list(SPLITS)}; "
-                        f"got {_fmt(bad)}")
-    _check_patient_consistent(path, "split", patients, splits, sids)
-  folds = None
-  if "fold" in header:
-    vals, bad = [], []
-    for line, r in rows:
-      try:
-        x = float(r["fold"])
-        ok = x.is_integer() and x >= 0
-      except ValueError:
-        ok = False
-      if not ok:
-        bad.append(f"line {line} (slide {r['slide_id']!r}): {r['fold']!r}")
-      else:
-        vals.append(int(x))
-    if bad:
-      raise CohortError(f"{path}: column 'fold' must hold integers >= 0; got "
-                        f"{_fmt(bad)}")
-    folds = np.asarray(vals, np.int64)
-    _check_patient_consistent(path, "fold", patients, vals, sids)
-  return _SlideTable(sids, lines, tasks, labels, patients, splits, folds)
-
-
-def _check_patient_consistent(path, column, patients, values, sids):
-  """All slides of a patient in one split/fold, else held-out data leaks."""
-  seen: dict[str, tuple] = {}
-  bad = []
-  for p, v, s in zip(patients, values, sids):
-    if p in seen and seen[p][0] != v:
-      bad.append(f"patient {p!r}: slide {seen[p][1]!r} has {column} {seen[p][0]!r}, "
-                 f"slide {s!r} has {v!r}")
-    seen.setdefault(p, (v, s))
-  if bad:
-    raise CohortError(f"{path}: slides of one patient must share the {column} "
-                      f"(else a held-out patient leaks into training): {_fmt(bad)}")
-
-
-def _unlabeled_table(slide_ids, cfg) -> _SlideTable:
-  """No slide CSV: every slide unlabeled (for prediction)."""
-  label_columns = tuple(cfg.label_columns or ())
-  tasks = () if cfg.label_column else label_columns
-  n = len(slide_ids)
-  return _SlideTable(list(slide_ids), [None] * n, tasks,
-                     np.full((n, len(tasks)), np.nan, np.float32), list(slide_ids),
-                     None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -561,7 +285,7 @@ def _cells_from_folders(root, table, csv_path, unlisted, report):
 def _cells_from_table(root, cells_path, table, csv_path, unlisted, report,
                       skip_bad_files):
   """Cell table: {slide_id: [abs paths]} and {slide_id: {abs path: witness}}."""
-  header, rows = _read_table(cells_path, "cell table")
+  header, rows = slide_table.read_table(cells_path, "cell table")
   need = [c for c in ("slide_id", "path") if c not in header]
   if need:
     raise CohortError(f"cell table {cells_path}: missing column(s) {need}; it needs "
@@ -681,7 +405,9 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
   csv_path = _resolve(root, csv_name) if csv_name else ""
   table = None
   if csv_path and os.path.isfile(csv_path):
-    table = _parse_slides(cfg, csv_path, require_labels)
+    table = slide_table.parse(
+        csv_path, cfg.label_columns, cfg.label_column or "", cfg.negative_label or "",
+        require_labels, splits=SPLITS, split_note=_SPLIT_NOTE)
   elif require_labels:
     raise CohortError(
         f"Slide table {csv_path or '(config.data.csv is empty)'} not found; "
@@ -703,7 +429,7 @@ def load_cohort(cfg, *, require_labels: bool = True) -> Cohort:
     slide_ids, paths, witness_map = _cells_from_folders(
         root, table, csv_path, unlisted, report)
   if table is None:
-    table = _unlabeled_table(slide_ids, cfg)
+    table = slide_table.unlabeled(slide_ids, cfg.label_columns, cfg.label_column)
 
   # One image row per distinct file, sorted: the cache does not depend on
   # slide order, and reordering the CSV reuses it.

@@ -1,7 +1,9 @@
 """Bring your own features: MIL heads on per-slide feature files, and exports.
 
 * :mod:`slamjax.features.dataset`: a folder of ``.h5``/``.npy``/``.npz``
-  feature files plus a slide CSV (``load_feature_folder``).
+  feature files plus a slide CSV (``load_feature_folder``), read with the
+  slides runner's rules (:mod:`slamjax.data.slide_table`); its errors are
+  ``FeatureDataError``, the same class as ``slide_table.DataError``.
 * :mod:`slamjax.features.export`: slamjax embeddings of cell bags in the same
   HDF5 layout (``export_embeddings``) and per-slide attention CSVs
   (``export_attention``).

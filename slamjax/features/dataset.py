@@ -9,31 +9,40 @@ the HDF5 files of :mod:`slamjax.features.export`::
                     # "cell_ids" [N] (strings), "witness" [N] (0/1)
     slide_002.npz   # the same names as arrays
     slide_003.npy   # just the [N, D] features
-    slides.csv      # slide_id,label[,more label columns][,split]
+    slides.csv      # slide_id, label columns[, patient_id, split, fold]
 
-A file's slide id is its name without the extension. Bags may have any
-number of instances (>= 1). Nothing is ever unpickled: ``.npy``/``.npz`` are
-read with ``allow_pickle=False``. Every problem raises
-:class:`FeatureDataError` naming the file or slide.
+A file's slide id is its name without the extension (compared in Unicode
+NFC). Bags may have any number of instances (>= 1). Nothing is ever
+unpickled: ``.npy``/``.npz`` are read with ``allow_pickle=False``.
+
+The slide table has the rules of the slides runner
+(:mod:`slamjax.data.slide_table`): 0/1 (or true/false, yes/no) label
+columns or one categorical column, ``patient_id``, ``split`` (train/val/test)
+and ``fold``. A slide with empty labels is unlabeled: it is left out of the
+splits that train and score, and listed under ``'unlabeled'`` by
+:meth:`FeatureDataset.split_indices` (the features runner predicts it).
+
+Every problem raises :class:`FeatureDataError` (the one input error class of
+every runner, ``slide_table.DataError``) naming the file or slide.
 
 Example:
   >>> import os, tempfile
   >>> import numpy as np
   >>> root = tempfile.mkdtemp()
-  >>> for i in range(4):
+  >>> for i in range(5):
   ...   np.save(os.path.join(root, f"s{i}.npy"), np.full((3 + i, 8), i, np.float32))
   >>> with open(os.path.join(root, "slides.csv"), "w") as f:
-  ...   _ = f.write("slide_id,label,split\ns0,0,train\ns1,1,train\ns2,0,test\ns3,1,test\n")
+  ...   _ = f.write("slide_id,label,split\ns0,0,train\ns1,1,train\ns2,0,test\n"
+  ...               "s3,1,test\ns4,,test\n")
   >>> ds = load_feature_folder(root)
   >>> ds.num_slides, ds.dim, [len(x) for x in ds.features], ds.labels[:, 0].tolist()
-  (4, 8, [3, 4, 5, 6], [0.0, 1.0, 0.0, 1.0])
+  (5, 8, [3, 4, 5, 6, 7], [0.0, 1.0, 0.0, 1.0, nan])
   >>> {k: v.tolist() for k, v in ds.split_indices().items()}
-  {'train': [0, 1], 'test': [2, 3]}
+  {'train': [0, 1], 'test': [2, 3], 'unlabeled': [4]}
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import zipfile
@@ -41,18 +50,14 @@ from typing import Sequence
 
 import numpy as np
 
+from slamjax.data import slide_table
+
 EXTENSIONS = (".h5", ".hdf5", ".npy", ".npz")
-SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val",
-                  "valid": "val", "validation": "val", "test": "test",
-                  "testing": "test"}
-_TRUE = {"1", "1.0", "true", "yes"}
-_FALSE = {"0", "0.0", "false", "no"}
+SPLITS = slide_table.SPLITS
 _MAX_LISTED = 10
 
-
-class FeatureDataError(ValueError):
-  """A feature folder or its CSV is unusable; the message names the file/slide."""
+# One error class for every runner's input, so one `except` catches all.
+FeatureDataError = slide_table.DataError
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -73,9 +78,15 @@ class FeatureDataset:
     cell_ids: [N_i] strings per slide, or None.
     witness: [N_i] bool instance labels per slide, or None (enables
       attention-retrieval metrics).
-    labels: float32 [num_slides, num_tasks] 0/1 bag labels.
-    label_columns: the CSV column of every task.
+    labels: float32 [num_slides, num_tasks] 0/1 bag labels; NaN rows are
+      unlabeled slides.
+    label_columns: the name of every task: its CSV column, or the category
+      of a categorical column.
     splits: the CSV's ``split`` per slide (train/val/test), or None.
+    patient_ids: per slide (the slide id without a ``patient_id`` column);
+      None counts as the slide ids.
+    folds: the CSV's ``fold`` per slide (int64), or None; read and checked,
+      not used by the features runner (it has one split).
   """
   slide_ids: list[str]
   files: list[str]
@@ -86,6 +97,8 @@ class FeatureDataset:
   labels: np.ndarray
   label_columns: tuple[str, ...]
   splits: np.ndarray | None = None
+  patient_ids: list[str] | None = None
+  folds: np.ndarray | None = None
 
   @property
   def num_slides(self) -> int:
@@ -95,120 +108,83 @@ class FeatureDataset:
   def dim(self) -> int:
     return int(self.features[0].shape[1])
 
+  def labelled(self) -> np.ndarray:
+    """bool ``[num_slides]``: True where the slide has labels."""
+    return ~np.isnan(self.labels).any(axis=1)
+
   def split_indices(self, test_fraction: float = 0.3, seed: int = 0
                     ) -> dict[str, np.ndarray]:
     """Slide indices per split, in CSV order.
 
-    Uses the CSV's ``split`` column when there is one; otherwise a random
-    split, stratified by the first label column, with ``test_fraction`` of
-    every class (at least one slide of a class with >= 2 slides) in test.
+    Labelled slides only. Uses the CSV's ``split`` column when there is one;
+    otherwise a random split of patients, stratified by the first label
+    column (a patient is positive when one of its slides is), with
+    ``test_fraction`` of every class (at least one patient of a class with
+    >= 2 patients) in test; a patient's slides stay together. Unlabeled
+    slides, if any, are under ``'unlabeled'``: predicted, never trained on
+    or scored.
     """
+    lab = self.labelled()
     if self.splits is not None:
-      out = {s: np.flatnonzero(self.splits == s) for s in SPLITS}
+      out = {s: np.flatnonzero(lab & (self.splits == s)) for s in SPLITS}
       out = {s: v for s, v in out.items() if len(v) or s != "val"}
     else:
       if not 0.0 < test_fraction < 1.0:
         raise FeatureDataError(
             f"config.data.test_fraction={test_fraction} must be in (0, 1) when "
             "the CSV has no 'split' column")
+      # Draw patients, not slides: one patient's slides on both sides leak.
+      patients = self.patient_ids or self.slide_ids
+      groups: dict[str, list[int]] = {}
+      for i in np.flatnonzero(lab):
+        groups.setdefault(patients[i], []).append(int(i))
+      members = list(groups.values())
+      y = np.asarray([self.labels[m, 0].max() for m in members])
       rng = np.random.default_rng(seed)
       test = []
-      for y in np.unique(self.labels[:, 0]):
-        idx = np.flatnonzero(self.labels[:, 0] == y)
+      for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
         k = int(round(test_fraction * len(idx)))
         k = min(max(k, 1 if len(idx) >= 2 else 0), len(idx) - 1)
         test.extend(rng.permutation(idx)[:k].tolist())
       is_test = np.zeros(self.num_slides, bool)
-      is_test[test] = True
-      out = {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
+      for g in test:
+        is_test[members[g]] = True
+      out = {"train": np.flatnonzero(lab & ~is_test), "test": np.flatnonzero(is_test)}
     for s in ("train", "test"):
       if not len(out[s]):
         raise FeatureDataError(
-            f"no slide in the '{s}' split ({self.num_slides} slides); "
-            + ("give some slides split='train' and some split='test' in the CSV"
+            f"no labelled slide in the '{s}' split ({int(lab.sum())} labelled slides); "
+            + ("give some labelled slides split='train' and some split='test' in the CSV"
                if self.splits is not None else "add slides or change test_fraction"))
+    if not lab.all():
+      out["unlabeled"] = np.flatnonzero(~lab)
     return out
 
 
-def read_manifest(path: str, label_columns: Sequence[str] | str | None = None):
-  """Reads the slide CSV.
+def read_manifest(path: str, label_columns: Sequence[str] | str | None = None,
+                  label_column: str = "", negative_label: str = ""
+                  ) -> slide_table.SlideTable:
+  """Reads the slide table with the rules of every runner
+  (:mod:`slamjax.data.slide_table`).
 
   Args:
-    path: CSV with a ``slide_id`` column, label columns and optional ``split``.
-    label_columns: the label columns (a sequence or a comma-separated
-      string); None or empty: every column except ``slide_id`` and ``split``.
+    path: CSV with a ``slide_id`` column, label columns and optional
+      ``patient_id``, ``split`` (train/val/test) and ``fold``.
+    label_columns: the 0/1 label columns (a sequence or a comma-separated
+      string); None or empty: every column but the reserved ones.
+    label_column: one categorical column instead (``config.data.label_column``).
+    negative_label: its normal value (``config.data.negative_label``).
 
   Returns:
-    (slide_ids, float32 labels [S, T], label column names, splits or None).
+    A :class:`slamjax.data.slide_table.SlideTable`.
   """
-  if isinstance(label_columns, str):
-    label_columns = [c.strip() for c in label_columns.split(",") if c.strip()]
   if not os.path.isfile(path):
-    raise FeatureDataError(f"slide CSV {path} does not exist")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    rows = list(csv.reader(f))
-  rows = [r for r in rows if any(c.strip() for c in r)]
-  if not rows:
-    raise FeatureDataError(f"slide CSV {path} is empty; it needs a header "
-                           "'slide_id,<label column(s)>[,split]' and one row per slide")
-  header = [c.strip() for c in rows[0]]
-  dup = sorted({c for c in header if header.count(c) > 1})
-  if dup:
-    raise FeatureDataError(f"slide CSV {path}: duplicate column(s) {dup}")
-  if "slide_id" not in header:
-    raise FeatureDataError(f"slide CSV {path} has no 'slide_id' column; its "
-                           f"columns are {header}")
-  others = [c for c in header if c not in ("slide_id", "split")]
-  if label_columns:
-    missing = [c for c in label_columns if c not in header or c in ("slide_id", "split")]
-    if missing:
-      raise FeatureDataError(f"slide CSV {path}: label column(s) {missing} not "
-                             f"found; label columns available: {others}")
-    label_columns = list(label_columns)
-  else:
-    label_columns = others
-  if not label_columns:
-    raise FeatureDataError(f"slide CSV {path} has no label column; its columns "
-                           f"are {header} (need slide_id, >= 1 label column, optional split)")
-  col = {c: header.index(c) for c in header}
-  slide_ids, labels, splits, seen = [], [], [], {}
-  for line, r in enumerate(rows[1:], start=2):
-    r = [c.strip() for c in r]
-    if len(r) != len(header):
-      raise FeatureDataError(f"slide CSV {path} line {line}: {len(r)} fields, "
-                             f"the header has {len(header)}")
-    sid = r[col["slide_id"]]
-    if not sid:
-      raise FeatureDataError(f"slide CSV {path} line {line}: empty slide_id")
-    if sid in seen:
-      raise FeatureDataError(f"slide CSV {path}: slide_id {sid!r} appears twice "
-                             f"(lines {seen[sid]} and {line})")
-    seen[sid] = line
-    ys = []
-    for c in label_columns:
-      v = r[col[c]].lower()
-      if v in _TRUE:
-        ys.append(1.0)
-      elif v in _FALSE:
-        ys.append(0.0)
-      else:
-        raise FeatureDataError(
-            f"slide CSV {path} line {line}: slide {sid!r} has {c}={r[col[c]]!r}; "
-            "labels must be 0 or 1 (one 0/1 column per task: one-hot a "
-            "categorical column into several)")
-    if "split" in col:
-      s = _SPLIT_ALIASES.get(r[col["split"]].lower())
-      if s is None:
-        raise FeatureDataError(
-            f"slide CSV {path} line {line}: slide {sid!r} has split="
-            f"{r[col['split']]!r}; valid: {list(SPLITS)}")
-      splits.append(s)
-    slide_ids.append(sid)
-    labels.append(ys)
-  if not slide_ids:
-    raise FeatureDataError(f"slide CSV {path} has a header but no slides")
-  return (slide_ids, np.asarray(labels, np.float32), tuple(label_columns),
-          np.asarray(splits) if "split" in col else None)
+    raise FeatureDataError(
+        f"slide table {path} not found (config.data.manifest: a relative path is "
+        "looked up in the current directory, then in config.data.root)")
+  return slide_table.parse(path, label_columns or (), label_column or "",
+                           negative_label or "")
 
 
 def _h5py():
@@ -318,14 +294,15 @@ def _check_arrays(name, path, out):
 
 
 def list_feature_files(root: str) -> dict[str, str]:
-  """slide id -> file for every supported feature file directly under root."""
+  """slide id (the file name without extension, in NFC) -> file for every
+  supported feature file directly under root."""
   if not os.path.isdir(root):
     raise FeatureDataError(f"feature folder {root} does not exist")
   found: dict[str, list[str]] = {}
   for fn in sorted(os.listdir(root)):
     stem, ext = os.path.splitext(fn)
     if ext.lower() in EXTENSIONS and os.path.isfile(os.path.join(root, fn)):
-      found.setdefault(stem, []).append(fn)
+      found.setdefault(slide_table.nfc(stem), []).append(fn)
   twice = {s: fs for s, fs in found.items() if len(fs) > 1}
   if twice:
     raise FeatureDataError(
@@ -348,7 +325,8 @@ def _no_files_hint(root: str) -> str:
 
 def load_feature_folder(root: str, manifest: str = "slides.csv",
                         label_columns: Sequence[str] | str | None = None,
-                        unlisted_files: str = "error") -> FeatureDataset:
+                        unlisted_files: str = "error", label_column: str = "",
+                        negative_label: str = "") -> FeatureDataset:
   """Loads every slide of the CSV from ``root``, checking the whole folder.
 
   Args:
@@ -358,6 +336,8 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
     label_columns: see :func:`read_manifest`.
     unlisted_files: "error" (default) or "ignore" for feature files whose
       slide is not in the CSV.
+    label_column, negative_label: one categorical column and its normal
+      value, instead of 0/1 columns (see :func:`read_manifest`).
 
   Raises:
     FeatureDataError: a slide in the CSV has no feature file or the reverse,
@@ -376,7 +356,8 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
   path = manifest
   if not os.path.isabs(path) and not os.path.isfile(path):
     path = os.path.join(root, manifest)
-  slide_ids, labels, columns, splits = read_manifest(path, label_columns)
+  table = read_manifest(path, label_columns, label_column, negative_label)
+  slide_ids = table.slide_ids
   files = list_feature_files(root)
   missing = [s for s in slide_ids if s not in files]
   if missing:
@@ -416,4 +397,6 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
       coords=[a.get("coords") for a in arrays],
       cell_ids=[a.get("cell_ids") for a in arrays],
       witness=[a.get("witness") for a in arrays],
-      labels=labels, label_columns=columns, splits=splits)
+      labels=table.labels, label_columns=table.task_names,
+      splits=None if table.splits is None else np.asarray(table.splits),
+      patient_ids=list(table.patient_ids), folds=table.folds)

@@ -2,18 +2,19 @@ r"""Features mode: train and evaluate a MIL head on a folder of feature files.
 
 What ``python -m slamjax.main`` runs for ``config.runner == "features"``
 (see ``configs/features_folder.py``): load and check the folder
-(:mod:`slamjax.features.dataset`), split the slides (the CSV's ``split``
-column, else a stratified random split), standardise with training-slide
-statistics, train every head of ``config.mil.heads``
-(:mod:`slamjax.mil.multihead`), predict every split, and write under
-``workdir``:
+(:mod:`slamjax.features.dataset`), split the labelled slides (the CSV's
+``split`` column, else a stratified random split that keeps a patient's
+slides together), standardise with training-slide statistics, train every
+head of ``config.mil.heads`` (:mod:`slamjax.mil.multihead`), predict every
+split and the unlabeled slides, and write under ``workdir``:
 
 * ``metrics.json`` / ``results.md``: one row per head with the bag metrics of
   the test split (and val if any), per label column when there are several;
   attention retrieval of witnesses only when the feature files carry
   instance labels (``witness``);
 * per head, in ``mil_<head>/`` (also its checkpoints): ``predictions.csv``
-  (slide_id, split, label and probability per column) and
+  (slide_id, split, label and probability per column; unlabeled slides with
+  split ``unlabeled`` and empty labels) and
   ``attention/<slide_id>.csv`` for every slide (``eval.export_attention``).
 
 Rerunning with the same workdir resumes every head from its checkpoint, when
@@ -84,13 +85,15 @@ def _split_metrics(ds, idx, out, k) -> dict:
 
 
 def _write_predictions(path, ds, split_idx, outs):
+  """One row per slide; an unlabeled slide's label cells are empty."""
   cols = ds.label_columns
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["slide_id", "split", *cols, *[f"prob_{c}" for c in cols]])
     for split, idx in split_idx.items():
       for j, i in enumerate(idx):
-        w.writerow([ds.slide_ids[i], split, *[int(v) for v in ds.labels[i]],
+        w.writerow([ds.slide_ids[i], split,
+                    *["" if np.isnan(v) else int(v) for v in ds.labels[i]],
                     *[repr(float(p)) for p in outs[split]["prob"][j]]])
 
 
@@ -106,15 +109,21 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
   if not d.root:
     raise ValueError("config.data.root is empty; features mode needs the feature folder, "
                      "e.g. --config.data.root=/path/to/features")
-  ds = dataset_lib.load_feature_folder(d.root, d.manifest, d.label_columns or None,
-                                       d.unlisted)
+  ds = dataset_lib.load_feature_folder(
+      d.root, d.manifest, d.label_columns or None, d.unlisted,
+      label_column=d.get("label_column", ""), negative_label=d.get("negative_label", ""))
   claim.commit(workdir_lib.features_data(ds))  # before standardising in place
   split_idx = ds.split_indices(d.test_fraction, cfg.seed)
   timing["data"] = time.perf_counter() - t0
   print(f"features: {ds.num_slides} slides, dim {ds.dim}, labels {list(ds.label_columns)}; "
-        + "; ".join(f"{s}: {len(i)} slides ({int(ds.labels[i, 0].sum())} positive), "
-                    f"{sum(len(ds.features[j]) for j in i)} instances"
+        + "; ".join(f"{s}: {len(i)} slides ("
+                    + ("predicted only" if s == "unlabeled"
+                       else f"{int(ds.labels[i, 0].sum())} positive")
+                    + f"), {sum(len(ds.features[j]) for j in i)} instances"
                     for s, i in split_idx.items()), flush=True)
+  if ds.folds is not None and ds.splits is None:
+    print("features: the CSV's fold column is not used (the features runner has one "
+          "train/test split; give a split column to choose it)", flush=True)
 
   feats = ds.features
   if d.standardize:  # as the image pipeline: training-slide statistics
@@ -167,6 +176,9 @@ def train_and_evaluate_features(cfg, workdir: str) -> dict:
            + f") of dimension {results['dim']} from `{results['root']}`; label column(s) "
            f"{', '.join(results['label_columns'])}. Bag metrics and attention retrieval are "
            "for the first label column; with several columns, the per-column rows follow."]
+  if "unlabeled" in split_idx:
+    intro.append(f"{len(split_idx['unlabeled'])} unlabeled slide(s) are predicted "
+                 "(split `unlabeled` in `predictions.csv`), not trained on or scored.")
   if not any("retrieval" in r for r in results["heads"].values()):
     intro.append("No instance labels (`witness`) in the feature files: attention "
                  "retrieval is not scored.")

@@ -158,7 +158,16 @@ def test_duplicate_slide_id(cohort_dir):
 def test_binary_label_outside_set(cohort_dir):
   root = cohort_dir("slide_id,label\na,0\nb,2\n", {"a": 1, "b": 1})
   _raises(_cfg(root), "'label'", "outside {0, 1}", "line 3", "'b'", "'2'",
-          "Valid label values: 0, 1, or empty")
+          "Valid label values: 0, 1, true, false, yes, no", "or empty for an unlabeled")
+
+
+def test_true_false_yes_no_labels(cohort_dir):
+  # The spelling of the features runner's tables: one dialect for both runners.
+  root = cohort_dir("slide_id,tumor,grade\na,TRUE,no\nb,false,Yes\nc,1.0,0.0\nd,NA,n/a\n",
+                    {s: 1 for s in "abcd"})
+  c = slides.load_cohort(_cfg(root))
+  np.testing.assert_array_equal(c.labels[:3], [[1, 0], [0, 1], [1, 0]])
+  assert c.labelled().tolist() == [True, True, True, False]
 
 
 def test_partial_labels(cohort_dir):
@@ -188,8 +197,14 @@ def test_unknown_label_column(cohort_dir):
 
 
 def test_split_and_fold_values(cohort_dir):
-  root = cohort_dir("slide_id,label,split\na,0,train\nb,1,valid\n", {"a": 1, "b": 1})
-  _raises(_cfg(root), "'split'", "['train', 'test']", "line 3", "'valid'")
+  root = cohort_dir("slide_id,label,split\na,0,Training\nb,1,testing\n", {"a": 1, "b": 1})
+  assert slides.load_cohort(_cfg(root)).splits == ("train", "test")  # aliases
+  (root / "slides.csv").write_text("slide_id,label,split\na,0,train\nb,1,valid\n")
+  # 'valid' is a valid table value ('val'), but the slides runner has no val split.
+  _raises(_cfg(root), "'split'", "['train', 'test']", "line 3", "'valid' (= 'val')",
+          "no validation split")
+  (root / "slides.csv").write_text("slide_id,label,split\na,0,train\nb,1,holdout\n")
+  _raises(_cfg(root), "'split'", "['train', 'test']", "line 3", "'holdout'")
   root = cohort_dir("slide_id,label,fold\na,0,1\nb,1,1.5\n", {"a": 1, "b": 1}, "f")
   _raises(_cfg(root), "'fold'", "integers", "line 3", "'1.5'")
 

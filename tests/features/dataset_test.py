@@ -96,6 +96,69 @@ def test_random_split_is_stratified_seeded_and_never_empty(tmp_path, fx):
     ds.split_indices(1.0)
 
 
+
+def test_categorical_column_as_in_the_slides_runner(tmp_path, fx):
+  root = _simple(tmp_path, fx, n=5)
+  fx.write_csv(root / "slides.csv", ["slide_id", "diagnosis"],
+               [("s0", "normal"), ("s1", "aml"), ("s2", "normal"), ("s3", "cml"),
+                ("s4", "NA")])
+  ds = dataset.load_feature_folder(str(root), label_column="diagnosis",
+                                   negative_label="normal")
+  assert ds.label_columns == ("aml", "cml")  # one-vs-rest, sorted
+  np.testing.assert_array_equal(ds.labels[:4], [[0, 0], [1, 0], [0, 0], [0, 1]])
+  assert ds.labelled().tolist() == [True] * 4 + [False]
+  # Without label_column the text column is refused, with the hint.
+  msg = _expect(root, r"column 'diagnosis' has values outside \{0, 1\}")
+  assert "config.data.label_column='diagnosis'" in msg
+  _expect(root, r"negative_label='Normal' never occurs in column 'diagnosis'",
+          label_column="diagnosis", negative_label="Normal")
+
+
+def test_patient_id_and_fold_keep_a_patients_slides_together(tmp_path, fx):
+  root = _simple(tmp_path, fx, n=12)
+  rows = [(f"s{i}", f"p{i // 2}", i // 2 % 2, i // 4) for i in range(12)]
+  fx.write_csv(root / "slides.csv", ["slide_id", "patient_id", "label", "fold"], rows)
+  ds = dataset.load_feature_folder(str(root))
+  assert ds.label_columns == ("label",)  # patient_id and fold are not labels
+  assert ds.patient_ids == [f"p{i // 2}" for i in range(12)]
+  assert ds.folds.tolist() == [i // 4 for i in range(12)] and ds.splits is None
+  for seed in range(5):
+    split = ds.split_indices(0.3, seed)
+    test = {ds.patient_ids[i] for i in split["test"]}
+    train = {ds.patient_ids[i] for i in split["train"]}
+    assert not test & train and len(test) == 2  # round(0.3 * 3) patients per class
+  # A patient's slides must share the fold (and split).
+  rows[1] = ("s1", "p0", 0, 1)
+  fx.write_csv(root / "slides.csv", ["slide_id", "patient_id", "label", "fold"], rows)
+  _expect(root, r"patient 'p0': slide 's0' has fold 0, slide 's1' has fold 1")
+
+
+def test_unlabeled_slides_are_left_out_of_training_splits(tmp_path, fx):
+  root = _simple(tmp_path, fx, n=6)
+  fx.write_csv(root / "slides.csv", ["slide_id", "label", "split"],
+               [("s0", 0, "train"), ("s1", 1, "train"), ("s2", "", "train"),
+                ("s3", "false", "test"), ("s4", "yes", "test"), ("s5", "n/a", "test")])
+  ds = dataset.load_feature_folder(str(root))
+  assert np.isnan(ds.labels[[2, 5], 0]).all()
+  assert {k: v.tolist() for k, v in ds.split_indices().items()} == {
+      "train": [0, 1], "test": [3, 4], "unlabeled": [2, 5]}
+  fx.write_csv(root / "slides.csv", ["slide_id", "label"],
+               [("s0", 0), ("s1", 1), ("s2", ""), ("s3", 0), ("s4", 1), ("s5", "")])
+  split = dataset.load_feature_folder(str(root)).split_indices(0.5, seed=0)
+  assert split["unlabeled"].tolist() == [2, 5]
+  assert sorted(split["train"].tolist() + split["test"].tolist()) == [0, 1, 3, 4]
+
+
+def test_file_names_match_slide_ids_in_nfc(tmp_path, fx):
+  import unicodedata
+  root = tmp_path / "f"
+  root.mkdir()
+  nfd, nfc = unicodedata.normalize("NFD", "Zoë"), unicodedata.normalize("NFC", "Zoë")
+  np.save(root / f"{nfd}.npy", np.ones((2, 3), np.float32))  # as macOS names it
+  np.save(root / "b.npy", np.ones((2, 3), np.float32))
+  (root / "slides.csv").write_text(f"slide_id,label\n{nfc},1\nb,0\n", encoding="utf-8")
+  assert dataset.load_feature_folder(str(root)).slide_ids == [nfc, "b"]
+
 def _expect(root, match, **kw):
   with pytest.raises(FeatureDataError, match=match) as e:
     dataset.load_feature_folder(str(root), **kw)
@@ -146,15 +209,19 @@ def test_empty_bag_and_every_bad_file_listed_together(tmp_path, fx):
 
 @pytest.mark.parametrize("header,rows,match", [
     (["slide", "label"], [("s0", 0)], r"no 'slide_id' column; its columns are \['slide', 'label'\]"),
-    (["slide_id", "split"], [("s0", "train")], r"has no label column"),
-    (["slide_id", "label"], [("s0", 2)], r"line 2: slide 's0' has label='2'; labels must be 0 or 1"),
-    (["slide_id", "label"], [("s0", "")], r"slide 's0' has label=''"),
+    (["slide_id", "split"], [("s0", "train")], r"no label columns \(columns: \['slide_id', 'split'\]\)"),
+    (["slide_id", "label"], [("s0", 2)],
+     r"column 'label' has values outside \{0, 1\} at line 2 \(slide 's0'\): '2'\. "
+     r"Valid label values: 0, 1, true, false, yes, no"),
+    (["slide_id", "label"], [("s0", "")], r"every slide is unlabeled \(label columns \['label'\]"),
     (["slide_id", "label", "split"], [("s0", 0, "holdout")],
-     r"slide 's0' has split='holdout'; valid: \['train', 'val', 'test'\]"),
-    (["slide_id", "label"], [("s0", 0), ("s0", 1)], r"slide_id 's0' appears twice \(lines 2 and 3\)"),
-    (["slide_id", "label", "label"], [("s0", 0, 1)], r"duplicate column\(s\) \['label'\]"),
-    (["slide_id", "label"], [("s0", 0, 1)], r"line 2: 3 fields, the header has 2"),
-    (["slide_id", "label"], [], r"has a header but no slides"),
+     r"column 'split' must be one of \['train', 'val', 'test'\].*got line 2 \(slide 's0'\): 'holdout'"),
+    (["slide_id", "label"], [("s0", 0), ("s0", 1)], r"duplicate slide_id 's0' at lines 2 and 3"),
+    (["slide_id", "label", "label"], [("s0", 0, 1)], r"column\(s\) \['label'\] appear more than once"),
+    (["slide_id", "label"], [("s0", 0, 1)], r"line 2: 3 values but the header has 2 columns"),
+    (["slide_id", "label"], [], r"has a header but no slide rows"),
+    (["slide_id", "x", "y"], [("s0", 0, 1), ("s1", 1, "")],
+     r"some but not all label columns \['x', 'y'\] are empty at line 3 \(slide 's1'\)"),
 ])
 def test_bad_csv_is_named(tmp_path, fx, header, rows, match):
   root = _simple(tmp_path, fx)
@@ -164,11 +231,11 @@ def test_bad_csv_is_named(tmp_path, fx, header, rows, match):
 
 def test_bad_csv_label_selection_empty_csv_and_missing_csv(tmp_path, fx):
   root = _simple(tmp_path, fx)
-  _expect(root, r"label column\(s\) \['grade'\] not found; label columns available: \['label'\]",
-          label_columns="label,grade")
+  _expect(root, r"label column\(s\) \['grade'\] named in config.data.label_columns are not in "
+          r"the CSV; its columns are \['slide_id', 'label'\]", label_columns="label,grade")
   (root / "slides.csv").write_text("")
   _expect(root, r"slides.csv is empty")
-  _expect(root, r"slide CSV .*nope.csv does not exist", manifest="nope.csv")
+  _expect(root, r"slide table .*nope.csv not found \(config.data.manifest", manifest="nope.csv")
 
 
 def test_pickles_are_never_loaded(tmp_path, fx):

@@ -16,6 +16,7 @@ from slamjax import evaluate
 from slamjax import runners
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
+from slamjax.features import dataset as dataset_lib
 from slamjax.features import export
 from slamjax.features import pipeline
 from slamjax.mil import train as mil_train
@@ -150,6 +151,9 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
     else:
       fx.write_h5(str(root / f"m{i}.h5"), x, witness=w.astype(np.uint8))
     rows.append((f"m{i}", a, b, (["train"] * 6 + ["val"] * 2 + ["test"] * 2)[i]))
+  # An unlabeled slide: predicted, never trained on or scored.
+  np.savez(root / "m10.npz", features=fx.slide_features(rng, 6, 5, 0)[0])
+  rows.append(("m10", "", "", "test"))
   fx.write_csv(root / "slides.csv", ["slide_id", "tumor", "grade", "split"], rows)
   cfg = features_folder.get_config("quick")
   cfg.data.root = str(root)
@@ -158,7 +162,7 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
   wd = str(tmp_path / "run")
   full = pipeline.train_and_evaluate_features(cfg, wd)
   assert full["label_columns"] == ["tumor", "grade"]
-  assert full["num_slides"] == {"train": 6, "val": 2, "test": 2}
+  assert full["num_slides"] == {"train": 6, "val": 2, "test": 2, "unlabeled": 1}
   res = full["heads"]["abmil"]
   assert set(res["tasks"]) == {"tumor", "grade"} and res["bag"] == res["tasks"]["tumor"]["bag"]
   assert res["val"]["bag"]["num_bags"] == 2
@@ -170,6 +174,11 @@ def test_multi_task_val_split_witness_and_resume(tmp_path, fx, monkeypatch):
   assert metrics["heads"]["abmil"]["tasks"]["grade"]["bag"]["num_bags"] == 2
   preds = _read_csv(os.path.join(wd, "mil_abmil", "predictions.csv"))
   assert list(preds[0]) == ["slide_id", "split", "tumor", "grade", "prob_tumor", "prob_grade"]
+  assert [p["slide_id"] for p in preds if p["split"] == "unlabeled"] == ["m10"]
+  assert preds[-1]["tumor"] == preds[-1]["grade"] == "" and 0 < float(preds[-1]["prob_tumor"]) < 1
+  assert os.path.exists(os.path.join(wd, "mil_abmil", "attention", "m10.csv"))
+  assert "m10" not in [b["slide_id"] for b in res["per_bag"]]
+  assert "1 unlabeled slide(s) are predicted" in pathlib.Path(wd, "results.md").read_text()
   att = _read_csv(os.path.join(wd, "mil_abmil", "attention", "m9.csv"))
   assert list(att[0]) == ["instance", "witness", "attention", "attention_tumor",
                           "attention_grade"]
@@ -198,6 +207,22 @@ def test_features_config_errors():
     config_lib.validate(cfg)
   with pytest.raises(ValueError, match="'quick'"):
     features_folder.get_config("fast")
+
+
+def test_categorical_label_config_reaches_the_folder_loader(monkeypatch, tmp_path):
+  seen = {}
+
+  def load(*args, **kw):
+    seen.update(kw)
+    raise dataset_lib.FeatureDataError("stop here")
+
+  monkeypatch.setattr(dataset_lib, "load_feature_folder", load)
+  cfg = features_folder.get_config("quick")
+  cfg.data.root = str(tmp_path)
+  cfg.data.label_column, cfg.data.negative_label = "diagnosis", "normal"
+  with pytest.raises(dataset_lib.FeatureDataError, match="stop here"):
+    pipeline.train_and_evaluate_features(cfg, str(tmp_path / "run"))
+  assert seen == {"label_column": "diagnosis", "negative_label": "normal"}
 
 
 def test_per_head_attention_shapes_are_normalised():
