@@ -14,11 +14,16 @@ Expected folder layout (CLAM / TRIDENT HDF5 files work as they are)::
                      #   slide_002,1,train
                      #   slide_003,1,test
 
-``slide_id`` is the file name without its extension. Label columns hold 0/1;
-with several label columns the head is trained multi-task (one output per
-column; select some with ``--config.data.label_columns=a,b``). ``split``
-(train/val/test) is optional: without it, ``data.test_fraction`` of the slides
-(stratified by the first label column, from ``seed``) are held out for test.
+``slide_id`` is the file name without its extension. The CSV is the same
+slide table as the slides runner's (docs/slides.md, "The slide table"):
+label columns hold 0/1 (or true/false, yes/no; empty = unlabeled: predicted,
+not trained on); with several label columns the head is trained multi-task
+(one output per column; select some with ``--config.data.label_columns=a,b``),
+or one categorical column is split one-vs-rest with
+``--config.data.label_column=dx --config.data.negative_label=normal``.
+``split`` (train/val/test) is optional: without it, ``data.test_fraction`` of
+the patients (``patient_id``, else each slide; stratified by the first label
+column, from ``seed``) are held out for test.
 
   python -m slamjax.main --config configs/features_folder.py \
       --config.data.root=/path/to/features --workdir /tmp/slamjax_features

@@ -365,6 +365,9 @@ def features_data(ds) -> dict:
              "content": h.hexdigest()[:16]}
     if ds.splits is not None:
       entry["split"] = str(ds.splits[i])
+    patient = getattr(ds, "patient_ids", None)
+    if patient is not None and patient[i] != sid:  # only with a patient_id column
+      entry["patient"] = patient[i]
     slides[sid] = entry
   return {"kind": "slides", "tasks": list(ds.label_columns), "slides": slides}
 
