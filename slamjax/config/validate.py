@@ -41,6 +41,26 @@ def names(value) -> tuple[str, ...]:
                if n.strip())
 
 
+# Runners that read only one kind of input: their data.source is implied.
+IMPLIED_SOURCE = {"features": "features", "slides": "slides"}
+
+
+def data_source(cfg) -> str:
+  """``config.data.source``, or the runner's own when the runner implies one
+  and the config leaves the base default (so ``--config.runner=slides`` on
+  any config needs no ``--config.data.source=slides``).
+
+  >>> import ml_collections
+  >>> data_source(ml_collections.ConfigDict(
+  ...     {"runner": "slides", "data": {"source": "synthetic"}}))
+  'slides'
+  """
+  implied = IMPLIED_SOURCE.get(cfg.runner)
+  if implied and cfg.data.source == base_lib.get_config().data.source:
+    return implied
+  return cfg.data.source
+
+
 def _unknown_keys(node, ref, prefix: str) -> None:
   for key in node.keys():
     path = f"{prefix}{key}"
@@ -85,9 +105,9 @@ def _names(cfg) -> None:
   from slamjax.data import sources
   from slamjax.mil import multihead
   _choice("runner", cfg.runner, runners.RUNNERS)
-  valid_sources = {"features": ("features",), "slides": ("slides",)}.get(
-      cfg.runner, tuple(sources.SOURCES))
-  _choice("data.source", cfg.data.source, valid_sources)
+  implied = IMPLIED_SOURCE.get(cfg.runner)
+  _choice("data.source", data_source(cfg),
+          (implied,) if implied else tuple(sources.SOURCES))
   _choice("pretrain.surgery", cfg.pretrain.surgery, surgery.names())
   _choice("pretrain.surgery_granularity", cfg.pretrain.surgery_granularity,
           ("model", "leaf"))

@@ -130,3 +130,14 @@ def test_plan_needing_more_cells_than_exist_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match=r"needs.*available|available.*needs"):
     pipeline.train_and_evaluate(cfg, str(tmp_path / "y"))
   assert not os.path.exists(tmp_path / "y" / "pretrain_ckpt")
+
+
+def test_runner_implies_its_data_source():
+  cfg = default.get_config("quick")
+  cfg.runner = "slides"  # the base default source ("synthetic") is left as it is
+  from slamjax.config.validate import data_source
+  assert data_source(cfg) == "slides"
+  config_lib.validate(cfg)
+  cfg.data.source = "folder"  # a source the runner cannot read: named
+  with pytest.raises(ValueError, match=r"config.data.source='folder'.*'slides'"):
+    config_lib.validate(cfg)
