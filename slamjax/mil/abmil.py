@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from slamjax.mil import masked
+from slamjax.mil import spec as spec_lib
 
 
 class GatedABMIL(nn.Module):
@@ -42,3 +43,12 @@ class GatedABMIL(nn.Module):
     logits = nn.Dense(self.num_tasks, name="classifier")(bag)
     return {"logits": logits, "attention": attn, "attention_rows": attn[:, None],
             "attention_logits": jnp.where(mask, scores, 0.0)}
+
+
+def build(cfg, num_tasks, num_base=None):
+  """The head of ``cfg`` (a resolved ``config.mil``)."""
+  return GatedABMIL(hidden_dim=cfg.hidden_dim, attention_dim=cfg.attention_dim,
+                    num_tasks=num_tasks, dropout=cfg.dropout)
+
+
+SPEC = spec_lib.HeadSpec(build=build)

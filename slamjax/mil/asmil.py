@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from slamjax.mil import masked
+from slamjax.mil import spec as spec_lib
 
 _stacked = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
@@ -181,3 +182,23 @@ def kd_loss(online_logits, anchor_logits, mask, temperature: float,
 def ema_update(anchor, params, decay: float):
   """theta_bar <- d theta_bar + (1 - d) theta, leaf by leaf."""
   return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, anchor, params)
+
+
+def build(cfg, num_tasks, num_base=None):
+  """The head of ``cfg`` (a resolved ``config.mil``)."""
+  a = cfg.asmil
+  return ASMIL(hidden_dim=cfg.hidden_dim, num_tasks=num_tasks, n_token=a.n_token,
+               n_drop=a.n_drop, num_heads=a.num_heads, dropout=a.dropout)
+
+
+def aux(cfg, model, out, batch, label_known, ctx):
+  """KL of the online attention to the anchor model's (``ctx["anchor_params"]``)."""
+  a = cfg.asmil
+  anchor_logits = model.apply(ctx["anchor_params"], batch["x"], batch["mask"],
+                              method=ASMIL.scores)
+  kd = kd_loss(out["attention_logits"], anchor_logits, batch["mask"],
+               a.temperature, a.kd_reduction)
+  return a.kd_weight * kd, {"asmil_kd": kd}
+
+
+SPEC = spec_lib.HeadSpec(build=build, aux_loss=aux, anchor=True)

@@ -69,6 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from slamjax.mil import masked
+from slamjax.mil import spec as spec_lib
 
 
 _stacked = lambda batch_axes: nn.initializers.lecun_normal(
@@ -339,3 +340,27 @@ def balanced_weights(labels):
     w = np.maximum(w, wt)
   w[w == 0] = w[w > 0].mean() if (w > 0).any() else 1.0
   return w
+
+
+def build(cfg, num_tasks, num_base=None):
+  """The head of ``cfg`` (a resolved ``config.mil``)."""
+  m = cfg.mecds
+  return MECDS(hidden_dim=cfg.hidden_dim, num_tasks=num_tasks, num_base=num_base,
+               num_layers=m.num_layers, num_heads=m.num_heads, top_p=m.top_p,
+               instance_attention=m.instance_attention, dropout=cfg.dropout)
+
+
+def aux(cfg, model, out, batch, label_known, ctx):
+  """AKD to the teacher (``ctx["teacher_params"]``) in the student phase."""
+  teacher = ctx.get("teacher_params")
+  if teacher is None:  # teacher phase: plain supervised loss
+    return None, {}
+  m = cfg.mecds
+  t_logits = model.apply(teacher, batch["x"], batch["mask"])["logits"]
+  akd = akd_loss(out["logits"], t_logits, batch["label"], label_known,
+                 m.akd_temperature, m.gamma_pos, m.gamma_neg, m.alpha)
+  return ctx.get("kd_scale", 1.0) * m.kd_weight * akd, {"mecds_akd": akd}
+
+
+SPEC = spec_lib.HeadSpec(build=build, aux_loss=aux, phases=("teacher", "student"),
+                         extensible=True)

@@ -55,6 +55,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from slamjax.mil import spec as spec_lib
 
 DUPLICATE = 1.0 - 1e-6  # cosine above this: the same cell
 CHUNK = 1024  # query rows per compiled call: bounds the [chunk, bank] matrix
@@ -248,3 +249,11 @@ def predict(cfg, state: dict, bags) -> dict:
     total = p.sum()
     attention.append(p / total if total > 0 else np.full(len(p), 1.0 / len(p), np.float32))
   return {"prob": prob, "attention": attention}
+
+
+def _no_module(cfg, num_tasks, num_base=None):
+  raise ValueError("negref is non-parametric: it has no Flax module (fit and predict it "
+                   "with slamjax.mil.multihead.fit_predict)")
+
+
+SPEC = spec_lib.HeadSpec(build=_no_module, nonparametric=(fit, predict))

@@ -46,6 +46,8 @@ import numpy as np
 import optax
 
 from slamjax.mil import masked
+from slamjax.mil import options
+from slamjax.mil import spec as spec_lib
 
 VARIANTS = ("slamags", "official")
 # (er, clst, proto_clst) loss weights of each variant.
@@ -256,3 +258,42 @@ def kmeans_prototypes(bags, num_protos: int, seed: int, per_bag: int = 8,
   if len(out) < num_protos:  # fewer distinct points than prototypes
     out = np.concatenate([out, out[rng.integers(len(out), size=num_protos - len(out))]])
   return out.astype(np.float32)
+
+
+def _variant_cfg(cfg, variant=None):
+  p = cfg.pamil
+  if variant is not None:
+    p = dict(p.to_dict() if hasattr(p, "to_dict") else p, variant=variant)
+    p = options.resolve({"pamil": p}).pamil
+  return p
+
+
+def make_spec(variant=None) -> spec_lib.HeadSpec:
+  """The spec of PAMIL (``variant`` None: ``mil.pamil.variant``; or forced)."""
+  def build(cfg, num_tasks, num_base=None):
+    p = _variant_cfg(cfg, variant)
+    return PAMIL(hidden_dim=cfg.hidden_dim, attention_dim=cfg.attention_dim,
+                 num_tasks=num_tasks, num_protos=p.num_protos, variant=p.variant,
+                 proto_pred=p.proto_pred, proto_weight=p.proto_weight,
+                 inst_pred=p.inst_weight > 0, dropout=cfg.dropout)
+
+  def aux(cfg, model, out, batch, label_known, ctx):
+    return aux_loss(_variant_cfg(cfg, variant), out, batch, label_known, model.num_tasks)
+
+  def frozen(cfg):
+    p = _variant_cfg(cfg, variant)
+    freeze = p.freeze_protos if p.freeze_protos is not None else p.variant == "official"
+    return (lambda path: path[-1] == "proto") if freeze else None
+
+  def init_params(cfg, params, bags, seed):
+    p = _variant_cfg(cfg, variant)
+    how = p.proto_init or ("kmeans" if p.variant == "official" else "random")
+    if how == "random":
+      return params
+    if how != "kmeans":
+      raise ValueError(f"mil.pamil.proto_init={how!r}; valid: random, kmeans")
+    protos = kmeans_prototypes(bags, p.num_protos, seed)
+    inner = dict(params["params"], proto=jnp.asarray(protos))
+    return dict(params, params=inner)
+
+  return spec_lib.HeadSpec(build=build, aux_loss=aux, frozen=frozen, init_params=init_params)

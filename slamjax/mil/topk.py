@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from slamjax.mil import masked
+from slamjax.mil import spec as spec_lib
 
 
 def top_k_pool(cell_logits: jax.Array, mask: jax.Array, k: int) -> jax.Array:
@@ -70,3 +71,12 @@ class TopKMIL(nn.Module):
     if self.num_tasks > 1:
       out["task_attention"] = masked.masked_softmax(jnp.swapaxes(cell, 1, 2), mask[:, None])
     return out
+
+
+def build(cfg, num_tasks, num_base=None):
+  """The head of ``cfg`` (a resolved ``config.mil``)."""
+  return TopKMIL(hidden_dim=cfg.hidden_dim, num_tasks=num_tasks, k=int(cfg.topk.k),
+                 dropout=cfg.dropout)
+
+
+SPEC = spec_lib.HeadSpec(build=build)
