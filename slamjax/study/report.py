@@ -328,7 +328,7 @@ def markdown(recs, cfg=None, bootstrap: int = 1000) -> str:
   reads = sorted({r.get("mil_features", "projection") for r in recs})
   head, head_name = _head_axis(heads or ["abmil"])
   n_bags = recs[0].get("bags_per_split", {})
-  md = ["# SLAM-AGS variants study: results (generated)", "",
+  md = ["# Witness-rate study: results (generated)", "",
         f"{len(recs)} runs recorded (seeds {seeds}; bags per split {n_bags}). Each cell: "
         "mean ± sample std over seeds [95% bootstrap CI of the seed mean: test bags "
         "(bag metrics) or held-out test cells (probe AUCs) resampled within each "
