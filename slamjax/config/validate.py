@@ -196,9 +196,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.pseudo.rounds={ps.rounds}: the pseudo-label stage runs "
                        f"in the pipeline and study runners, not {cfg.runner!r}; set "
                        "pseudo.rounds=0")
-  if cfg.runner == "slides" and "negref" in names(cfg.mil.heads):
-    raise ValueError("config.mil.heads: 'negref' (non-parametric) runs in the pipeline, "
-                     "study and features runners, not in slides; choose another head")
   if cfg.runner == "slides":
     _range("eval.folds", cfg.eval.folds, 2, inf, integer=True)
   valid = baselines.NAMES if cfg.runner == "slides" else ("simclr", "random_init")

@@ -103,16 +103,34 @@ def fit_predict(mil_cfg, bags: Sequence, labels, predict_on: Mapping[str, Sequen
     cfg = head_config(mil_cfg, name)
     folder = os.path.join(workdir, f"mil_{name}")
     t0 = time.perf_counter()
-    nonparametric = heads.HEADS[name].nonparametric
-    if nonparametric is None:
-      state = mil_train.fit(cfg, bags, labels, folder, seed, verbose)
-      predict = mil_train.predict
-    else:
-      fit, predict = nonparametric
-      state = _fit_nonparametric(fit, name, cfg, bags, labels, folder, seed, verbose)
-    outputs = {split: predict(cfg, state, b) for split, b in predict_on.items()}
+    state = fit_head(cfg, bags, labels, folder, seed, verbose)
+    outputs = {split: predict_head(cfg, state, b) for split, b in predict_on.items()}
     runs.append(HeadRun(name, cfg, state, folder, outputs, time.perf_counter() - t0))
   return runs
+
+
+def fit_head(cfg, bags: Sequence, labels, folder: str, seed: int, verbose: bool = True):
+  """Trains (or resumes) the head of ``cfg`` (one head's resolved config) in
+  ``folder``: :func:`slamjax.mil.train.fit`, or a non-parametric head's fit,
+  saved as ``folder/<head>.npz`` and loaded back on a rerun."""
+  nonparametric = heads.get_spec(cfg).nonparametric
+  if nonparametric is None:
+    return mil_train.fit(cfg, bags, labels, folder, seed, verbose)
+  return _fit_nonparametric(nonparametric[0], cfg.head, cfg, bags, labels, folder, seed,
+                            verbose)
+
+
+def predict_head(cfg, state, bags: Sequence) -> dict:
+  """``prob`` and ``attention`` of a head :func:`fit_head` fitted."""
+  nonparametric = heads.get_spec(cfg).nonparametric
+  if nonparametric is None:
+    return mil_train.predict(cfg, state, bags)
+  return nonparametric[1](cfg, state, bags)
+
+
+def is_nonparametric(cfg) -> bool:
+  """Whether the head of ``cfg`` is fitted without gradients (no epochs)."""
+  return heads.get_spec(cfg).nonparametric is not None
 
 
 def fit_standardized(mil_cfg, bags: Sequence, labels, predict_on: Mapping[str, Sequence],

@@ -36,7 +36,6 @@ import numpy as np
 from slamjax.config.validate import names as names_of
 from slamjax.data import slides as slides_lib
 from slamjax.mil import multihead
-from slamjax.mil import train as mil_train
 from slamjax.slides import folds as folds_lib
 from slamjax.slides import slide_features
 
@@ -227,7 +226,8 @@ def epoch_candidates(mil_cfg) -> tuple[int, ...]:
   when a schedule or AEM decay makes shorter runs differ from snapshots."""
   e = int(mil_cfg.epochs)
   if mil_cfg.get("schedule", "constant") != "constant" or \
-      mil_cfg.get("aem_schedule", "constant") != "constant":
+      mil_cfg.get("aem_schedule", "constant") != "constant" or (
+          "head" in mil_cfg and multihead.is_nonparametric(mil_cfg)):
     return (e,)
   return tuple(sorted({max(1, round(e * f)) for f in EPOCH_FRACTIONS}))
 
@@ -260,8 +260,8 @@ def _inner_run(head_cfg, cands, emb, y, folds, f, seed, folder) -> dict:
   out = {}
   for e in cands:
     c = _with_epochs(head_cfg, e)
-    st = mil_train.fit(c, bags_tr, _labels_for_mil(y[tr]), folder, seed, verbose=False)
-    out[e] = mil_train.predict(c, st, bags_te)["prob"]
+    st = multihead.fit_head(c, bags_tr, _labels_for_mil(y[tr]), folder, seed, verbose=False)
+    out[e] = multihead.predict_head(c, st, bags_te)["prob"]
   tmp = os.path.join(folder, "oof.tmp.npz")
   np.savez(tmp, **{f"e{e}": v for e, v in out.items()})
   os.replace(tmp, done)
@@ -306,8 +306,8 @@ def fit_heads(cfg, emb: Sequence[np.ndarray], y: np.ndarray, patients, workdir: 
     losses = {e: bce(y, oof[e]) for e in cands}
     best = min(cands, key=lambda e: (round(losses[e], 6), e))
     final_cfg = _with_epochs(head_cfg, best)
-    state = mil_train.fit(final_cfg, list(emb), _labels_for_mil(y),
-                          os.path.join(workdir, f"mil_{name}"), cfg.seed, verbose)
+    state = multihead.fit_head(final_cfg, list(emb), _labels_for_mil(y),
+                               os.path.join(workdir, f"mil_{name}"), cfg.seed, verbose)
     fusion, thresholds, final_oof = None, [], oof[best].copy()
     if feats is not None and feats.shape[1]:
       widths = slide_features.widths(names_of(cfg.mil.slide_features))
@@ -332,7 +332,7 @@ def fit_heads(cfg, emb: Sequence[np.ndarray], y: np.ndarray, patients, workdir: 
 def predict_head(fit_or_cfg, state, bags, feats: np.ndarray | None, fusion) -> dict:
   """A fitted head's output on ``bags``, its probabilities fused with
   ``feats`` when the head was fitted with slide features."""
-  out = mil_train.predict(fit_or_cfg, state, bags)
+  out = multihead.predict_head(fit_or_cfg, state, bags)
   if fusion:
     prob = np.stack([fu.predict(out["prob"][:, t], feats) for t, fu in enumerate(fusion)],
                     1).astype(np.float32)
@@ -353,9 +353,9 @@ def load_fitted(cfg, workdir: str, info: dict, bags) -> list[tuple]:
   dummy = np.zeros((len(bags), len(info["task_names"])), np.float32)
   for name in info["heads"]:
     c = _with_epochs(multihead.head_config(cfg.mil, name), info["epochs"][name])
-    # The checkpoint is complete, so fit() restores it without training.
-    st = mil_train.fit(c, bags, _labels_for_mil(dummy), os.path.join(workdir, f"mil_{name}"),
-                       cfg.seed, verbose=False)
+    # The checkpoint (or .npz) is complete, so this restores it without training.
+    st = multihead.fit_head(c, bags, _labels_for_mil(dummy),
+                            os.path.join(workdir, f"mil_{name}"), cfg.seed, verbose=False)
     fusion = [Fusion.from_json(d) for d in info.get("fusion", {}).get(name, [])] or None
     out.append((name, c, st, fusion))
   return out

@@ -121,3 +121,23 @@ def test_stacking_reduces_a_wide_block_to_one_score():
   again = ms.Fusion.from_json(fu.to_json())
   np.testing.assert_allclose(again.predict(head, feats), fu.predict(head, feats))
   assert fu.meta.threshold == ms.choose_threshold(y, fu.meta.oof)
+
+
+def test_nonparametric_negref_head_in_the_slides_selection(tmp_path):
+  # One witness-like cell per positive bag, in a direction no negative takes.
+  rng = np.random.default_rng(0)
+  bags, y = _bags(30, rng, 4.0)
+  cfg = _cfg()
+  cfg.mil.heads = ("negref",)
+  config_lib.validate(cfg)  # the slides runner takes it
+  (f,) = ms.fit_heads(cfg, bags, y, None, str(tmp_path), verbose=False)
+  assert ms.epoch_candidates(f.cfg) == (cfg.mil.epochs,)  # nothing to choose
+  assert f.thresholds[0] == ms.choose_threshold(y[:, 0], f.oof_prob[:, 0])
+  assert os.path.exists(os.path.join(tmp_path, "mil_negref", "negref.npz"))
+  test, y_test = _bags(30, np.random.default_rng(1), 4.0)
+  p = ms.predict_head(f.cfg, f.state, test, None, None)["prob"][:, 0]
+  from sklearn.metrics import roc_auc_score
+  assert roc_auc_score(y_test[:, 0], p) > 0.9
+  info = {"heads": ["negref"], "task_names": ["label"], "epochs": {"negref": f.epochs}}
+  ((name, c, st, fusion),) = ms.load_fitted(cfg, str(tmp_path), info, test)
+  np.testing.assert_allclose(ms.predict_head(c, st, test, None, fusion)["prob"][:, 0], p)
