@@ -168,7 +168,8 @@ def label_quality(bagset, positives: np.ndarray) -> dict | None:
   """Precision and recall of the pseudo-positives against the true witnesses
   (simulated bags only; None where witnesses are unknown)."""
   witness = getattr(bagset, "witness", None)
-  if witness is None:
+  # Real slides carry no witness flags (all False): nothing to compare with.
+  if witness is None or not any(np.asarray(w).any() for w in witness):
     return None
   truth = np.unique(np.concatenate([np.asarray(c)[np.asarray(w, bool)]
                                     for c, w in zip(bagset.cells, witness)] or [[]]))

@@ -250,7 +250,8 @@ def get_config() -> ml_collections.ConfigDict:
   # thresholds and the MIL epoch count, never the fitted head's own.
   c.eval.inner_folds = 5
   # Also run the folds with these (slamjax/slides/baselines.py): encoders
-  # "simclr", "random_init", "pretrained" (frozen model.init_from weights);
+  # "simclr", "random_init", "pretrained" (frozen model.init_from weights),
+  # "pseudo_label" (the run's encoder + 3 rounds of pseudo.* fine-tuning);
   # non-deep "pixel_stats", "cell_count"; "mean_pool" (encoder embeddings
   # mean-pooled into a logistic regression).
   c.eval.baselines = ()

@@ -192,13 +192,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        "per positive bag for each round, e.g. (1,) or (1, 2, 4)")
     for n in ps.per_bag:
       _range("pseudo.per_bag", n, 1, inf, integer=True)
-    if cfg.runner not in ("pipeline", "study"):
-      raise ValueError(f"config.pseudo.rounds={ps.rounds}: the pseudo-label stage runs "
-                       f"in the pipeline and study runners, not {cfg.runner!r}; set "
-                       "pseudo.rounds=0")
+    if cfg.runner == "features":
+      raise ValueError(f"config.pseudo.rounds={ps.rounds}: the features runner has no "
+                       "encoder to fine-tune; set pseudo.rounds=0")
+    if cfg.runner == "slides" and cfg.eval.unlabeled_in_pretraining:
+      raise ValueError("config.pseudo.rounds > 0 with eval.unlabeled_in_pretraining: "
+                       "unlabeled slides would be taken for positive ones; turn one off")
   if cfg.runner == "slides":
     _range("eval.folds", cfg.eval.folds, 2, inf, integer=True)
   valid = baselines.NAMES if cfg.runner == "slides" else ("simclr", "random_init")
+  if cfg.runner == "slides" and "pseudo_label" in names(cfg.eval.baselines) and \
+      cfg.eval.unlabeled_in_pretraining:
+    raise ValueError("config.eval.baselines 'pseudo_label' with "
+                     "eval.unlabeled_in_pretraining: unlabeled slides would be taken for "
+                     "positive ones; turn one off")
   for name in names(cfg.eval.baselines):
     _choice("eval.baselines", name, valid)
   if cfg.runner == "slides":

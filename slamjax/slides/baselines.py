@@ -36,6 +36,8 @@ ENCODERS = {
     "simclr": {"pretrain": {"task_weights": (1.0, 0.0), "surgery": "sum"}},
     "random_init": {"pretrain": {"epochs": 0}},
     "pretrained": {"pretrain": {"epochs": 0}},
+    # The run's encoder plus 3 rounds of pseudo-label SupCon (issue 27).
+    "pseudo_label": {"pseudo": {"rounds": 3}},
 }
 SLIDE_FEATURES = ("pixel_stats", "cell_count", "mean_pool")
 NAMES = (*ENCODERS, *SLIDE_FEATURES)

@@ -159,3 +159,40 @@ def test_readme_commands_cross_validate_and_predict(tmp_path, capsys):
     assert sorted(int(a["rank"]) for a in att) == list(range(1, len(att) + 1))
     assert os.path.exists(os.path.join(out, "galleries", f"{p['slide_id']}.png"))
   assert "# slamjax predictions" in pathlib.Path(os.path.join(out, "report.md")).read_text()
+
+
+@pytest.mark.slow
+def test_pseudo_label_stage_runs_in_a_slides_fold(tmp_path):
+  from slamjax import pseudo_label
+  from slamjax.slides import baselines
+  cohort_dir = str(tmp_path / "cohort")
+  make_cohort.make_cohort(cohort_dir, source="synthetic", patients=8, min_cells=8,
+                          max_cells=16, seed=0)
+  cfg = baselines.method_config(config_lib.load("slides", "quick"), "pseudo_label")
+  cfg.data.root, cfg.data.cache_dir = cohort_dir, str(tmp_path / "cache")
+  cfg.pseudo.steps_per_round, cfg.pseudo.rounds = 2, 2
+  cfg.eval.inner_folds = 2
+  config_lib.validate(cfg)
+  cohort = slides_lib.load_cohort(cfg.data)
+  from slamjax import sharding
+  wd = str(tmp_path / "fold")
+  train = np.flatnonzero(cohort.labelled())[:6]
+  out = fold_run.train_model(cfg, cohort, train, {"test": train[:2]}, wd,
+                             sharding.make_mesh(-1), verbose=False)
+  assert "pseudo" in out["timing_s"]
+  rounds = json.loads(pathlib.Path(wd, pseudo_label.ROUNDS).read_text())
+  assert [r["round"] for r in rounds] == [0, 1]
+  assert "precision" not in rounds[0]  # real slides: no witness flags to score against
+  assert out["outputs"]["abmil"]["test"]["prob"].shape == (2, 1)
+
+
+def test_pseudo_label_baseline_refuses_unlabeled_slides_in_pretraining():
+  cfg = config_lib.load("slides", "quick")
+  cfg.eval.baselines = ("pseudo_label",)
+  config_lib.validate(cfg)
+  cfg.eval.unlabeled_in_pretraining = True
+  with pytest.raises(ValueError, match=r"pseudo_label.*unlabeled_in_pretraining"):
+    config_lib.validate(cfg)
+  cfg.eval.baselines, cfg.pseudo.rounds = (), 2
+  with pytest.raises(ValueError, match=r"pseudo.rounds > 0 with eval.unlabeled"):
+    config_lib.validate(cfg)
