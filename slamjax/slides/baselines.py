@@ -2,7 +2,9 @@
 
 Encoder baselines rerun the whole fold (pretraining, embedding, MIL heads)
 with another encoder: ``simclr`` (SimCLR alone), ``random_init`` (no
-pretraining) and ``pretrained`` (the frozen ``model.init_from`` weights).
+pretraining), ``pretrained`` (the frozen ``model.init_from`` weights) and
+``pseudo_label`` (the run's encoder fine-tuned by 3 pseudo-label rounds,
+:mod:`slamjax.pseudo_label`).
 Slide-feature baselines need no deep model: a regularised logistic
 regression (C and threshold chosen by inner cross-validation on the
 training slides, :func:`slamjax.slides.model_selection.fit_logreg`) on
@@ -16,7 +18,7 @@ training slides, :func:`slamjax.slides.model_selection.fit_logreg`) on
 
 Example:
   >>> sorted(ENCODERS), sorted(SLIDE_FEATURES)
-  (['pretrained', 'random_init', 'simclr'], ['cell_count', 'mean_pool', 'pixel_stats'])
+  (['pretrained', 'pseudo_label', 'random_init', 'simclr'], ['cell_count', 'mean_pool', 'pixel_stats'])
 """
 
 from __future__ import annotations
