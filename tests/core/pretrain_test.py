@@ -23,6 +23,7 @@ def _python(code, env=None, **kw):
                         env=env, capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_one_step_on_8_devices_equals_1_device():
   code = """
   import jax, numpy as np

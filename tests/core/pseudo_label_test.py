@@ -86,6 +86,7 @@ def _flat(state):
       (state.params, state.batch_stats, state.opt_state)))])
 
 
+@pytest.mark.slow
 def test_rounds_resume_after_a_kill_to_the_same_state(setup, tmp_path, monkeypatch):
   cfg, pool, bags, mesh, model, state = setup
   whole = pseudo_label.finetune(cfg, pool, bags, str(tmp_path / "a"), mesh, model, state)

@@ -82,7 +82,6 @@ def _rows(path):
     return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
 def test_collapse_marks_tell_collapsed_from_flagged_and_recovered():
   from slamjax.slides import report as slides_report
   m = {k: 0.5 for k in slides_report.METRICS} | {"threshold": 0.5}
@@ -96,6 +95,7 @@ def test_collapse_marks_tell_collapsed_from_flagged_and_recovered():
       "yes", "flagged, ended past the thresholds", "no", "no"]
 
 
+@pytest.mark.slow
 def test_readme_commands_cross_validate_and_predict(tmp_path, capsys):
   from slamjax import main
   from slamjax import workdir as workdir_lib

@@ -160,6 +160,7 @@ def _unchanged(wd):
   return {f: pathlib.Path(wd, f).read_bytes() for f in ("config.json", "fingerprint.json")}
 
 
+@pytest.mark.slow  # trains a slides run (module fixture)
 def test_rerun_with_other_labels_or_slides_is_refused(trained):
   root, cohort, wd = trained
   before = _unchanged(wd)
@@ -178,6 +179,7 @@ def test_rerun_with_other_labels_or_slides_is_refused(trained):
   assert _unchanged(wd) == before
 
 
+@pytest.mark.slow  # trains a slides run (module fixture)
 def test_rerun_with_other_image_size_is_refused_before_decoding(trained):
   root, cohort, wd = trained
   before = sorted(os.listdir(root / "cache"))
@@ -187,6 +189,7 @@ def test_rerun_with_other_image_size_is_refused_before_decoding(trained):
   assert sorted(os.listdir(root / "cache")) == before  # nothing decoded
 
 
+@pytest.mark.slow  # trains a slides run (module fixture)
 def test_adding_a_baseline_resumes_the_recorded_folds(trained, capsys):
   root, cohort, wd = trained
   metrics = json.loads(pathlib.Path(wd, "metrics.json").read_text())
@@ -205,6 +208,7 @@ def test_adding_a_baseline_resumes_the_recorded_folds(trained, capsys):
     assert rec["fingerprint"] == fp["id"]
 
 
+@pytest.mark.slow  # trains a slides run (module fixture)
 def test_overwrite_starts_afresh_and_predict_refuses_a_foreign_final_model(trained, capsys):
   root, cohort, wd = trained
   flipped = str(root / "flipped")
@@ -243,6 +247,7 @@ def test_overwrite_starts_afresh_and_predict_refuses_a_foreign_final_model(train
     predict.predict(wd2, cohort, str(root / "pred2"))
 
 
+@pytest.mark.slow  # trains a slides run (module fixture)
 def test_predict_names_training_slides_and_scores_labels(trained, capsys):
   root, cohort, wd = trained
   from slamjax.slides import predict
