@@ -128,11 +128,16 @@ def _section(cfg):
   return int(c["k"]), int(c["bank_size"]), score
 
 
-def reference(cells, groups, size: int, seed: int):
-  """(rows, groups) of a reference: one copy of each distinct row, then a
-  random subset of ``size`` rows (drawn with ``seed``) if there are more."""
-  _, first = np.unique(cells, axis=0, return_index=True)
-  first = np.sort(first)
+def _distinct(cells) -> np.ndarray:
+  """Sorted indices of the first copy of every distinct row."""
+  return np.sort(np.unique(cells, axis=0, return_index=True)[1])
+
+
+def reference(cells, groups, size: int, seed: int, first: np.ndarray | None = None):
+  """(rows, groups) of a reference: one copy of each distinct row (``first``:
+  their indices, if known), then a random subset of ``size`` rows (drawn
+  with ``seed``) if there are more."""
+  first = _distinct(cells) if first is None else first
   if len(first) > size:
     first = np.sort(np.random.default_rng(seed).choice(first, size, replace=False))
   return cells[first], groups[first]
@@ -142,12 +147,14 @@ def references(neg, neg_group, pos, pos_group, score: str, bank_size: int, seed:
   """(neg, neg_group, pos, pos_group) references of ``score``: distinct rows;
   for "ratio" both of min(distinct negatives, distinct positives,
   ``bank_size``) rows; for "novelty" no positive rows."""
+  neg_first = _distinct(neg)
   if score == "ratio":  # equal sizes: neither reference denser by its size alone
-    size = min(len(np.unique(neg, axis=0)), len(np.unique(pos, axis=0)), bank_size)
-    pos, pos_group = reference(pos, pos_group, size, seed + 1)
+    pos_first = _distinct(pos)
+    size = min(len(neg_first), len(pos_first), bank_size)
+    pos, pos_group = reference(pos, pos_group, size, seed + 1, pos_first)
   else:
     size, pos, pos_group = bank_size, pos[:0], pos_group[:0]
-  return (*reference(neg, neg_group, size, seed), pos, pos_group)
+  return (*reference(neg, neg_group, size, seed, neg_first), pos, pos_group)
 
 
 def cell_scores(query, score: str, k: int, neg, neg_group, pos=None, pos_group=None,

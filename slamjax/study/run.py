@@ -179,34 +179,19 @@ def shard_runs(runs: list, shard: str) -> list:
   return [r for k, r in enumerate(runs) if k % n == i]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v and f"{prefix}{k}" not in ("data.num_per_class",
-                                                           "bags.bags_per_split"):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def reuse_mismatch(cfg, other: dict) -> list[str]:
-  """Config keys (outside ``study``) where another study's config differs.
-
-  A key the other study lacks was added after it ran: it must hold its
-  default here, which is what the other study's code did.
+  """Result-deciding config keys (outside ``study``) where another study's
+  config differs, as :func:`slamjax.workdir.config_differences` names them
+  (a key the other study lacks compares as its default), plus where its data
+  lives (``data.root``, which a run's fingerprint leaves to its data summary).
   """
-  from slamjax.config import base
-  norm = lambda d: {k: v for k, v in _flat(json.loads(json.dumps(d))).items()
-                    if not k.startswith(("study.", "resume", "runner"))}
-  mine, theirs = norm(cfg.to_dict()), norm(other)
-  default = norm(base.get_config().to_dict())
-  bad = []
-  for k, v in sorted(mine.items()):
-    ref = theirs[k] if k in theirs else default.get(k, v)
-    if v != ref:
-      bad.append(f"{k}: {v!r} here, {ref!r} there" + ("" if k in theirs else " (default)"))
-  return bad
+  outside = lambda c: {k: v for k, v in workdir_lib.fingerprint(c)["config"].items()
+                       if not k.startswith("study.")}
+  diffs = workdir_lib.config_differences(outside(other), outside(cfg))
+  theirs = other.get("data", {}).get("root", "")
+  if theirs != cfg.data.root:
+    diffs.append(f"data.root: {theirs!r} -> {cfg.data.root!r}")
+  return diffs
 
 
 def reuse_records(cfg, out_dir: str, runs: list) -> int:
