@@ -118,25 +118,17 @@ def parse_flags(argv):
 
 
 def run(cfg, workdir: str) -> None:
-  """Validates ``cfg``, checks its inputs, then runs ``cfg.runner``."""
+  """Prepares the run once (:func:`slamjax.launch.prepare`: the config, its
+  inputs, the mesh), then runs ``cfg.runner``."""
   from slamjax import distributed
   distributed.initialize()  # multi-process runs: SLAMJAX_COORDINATOR etc.
   import jax
-  from slamjax import config as config_lib
+  from slamjax import launch
   from slamjax import runners
-  from slamjax import runtime
-  try:
-    config_lib.validate(cfg)  # before any data is loaded
-  except ValueError as e:
-    raise runtime.InputError(f"bad config: {runtime.one_line(e)}") from e
-  runtime.check_data_root(cfg)  # before the runner makes the workdir
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise runtime.InputError(f"--workdir={workdir} is a file; give a folder (it is "
-                             "created if missing)")
-  runtime.setup()
+  mesh = launch.prepare(cfg, workdir)  # once: the runner trusts it
   print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
         f"{jax.default_backend()} device(s)", flush=True)
-  runners.get(cfg.runner)(cfg, workdir)
+  runners.get(cfg.runner)(cfg, workdir, mesh=mesh)
 
 
 def main(argv):

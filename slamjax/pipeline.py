@@ -22,14 +22,13 @@ import time
 import numpy as np
 
 from slamjax import collapse
-from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import embed
 from slamjax import encoder
 from slamjax import evaluate
+from slamjax import launch
 from slamjax import progress
 from slamjax import report
-from slamjax import sharding
 from slamjax import workdir as workdir_lib
 from slamjax.data import augment
 from slamjax.data import bags as bags_lib
@@ -80,20 +79,22 @@ def _write_bags(workdir, pool, bags):
   workdir_lib.write_json(os.path.join(workdir, workdir_lib.BAGS), out, indent=None)
 
 
-def train_and_evaluate(cfg, workdir: str, pool=None) -> dict:
+def train_and_evaluate(cfg, workdir: str, pool=None, mesh=None) -> dict:
   """Runs or resumes the pipeline; writes results under ``workdir``.
 
   ``pool``: the cell pool of ``cfg.data`` and ``cfg.seed`` if the caller has
   it already (the study reuses one across runs); else it is loaded.
+  ``mesh``: from :func:`slamjax.launch.prepare` (which checked ``cfg``);
+  None when called as a library: prepared here.
   """
-  config_lib.validate(cfg)
+  if mesh is None:
+    mesh = launch.prepare(cfg, workdir)
   # Another run's results in workdir: config differences stop here, before
   # any data is loaded; a different cell pool once it is.
   claim = workdir_lib.Run(workdir, cfg, workdir_lib.OUTPUTS["pipeline"])
   main_process = distributed.is_main_process()  # the only one writing files
   timing = {}
   t0 = time.perf_counter()
-  mesh = sharding.make_mesh(cfg.mesh.data)
   pool, bags = prepare_data(cfg, pool)
   claim.commit(workdir_lib.pool_data(pool), write=main_process)
   os.makedirs(workdir, exist_ok=True)

@@ -88,7 +88,7 @@ def check_data_root(cfg) -> None:
     ...
     slamjax.runtime.InputError: config.data.root is empty; set --config.data.root to the cohort folder ...
   """
-  from slamjax.config.validate import data_source
+  from slamjax.config.values import data_source
   from slamjax.data import folder
   what = _ROOTS.get(data_source(cfg) if "runner" in cfg else cfg.data.source)
   if what is None:

@@ -71,6 +71,8 @@ from typing import Sequence
 
 import numpy as np
 
+from slamjax.config.values import names
+
 CONFIG = "config.json"
 FINGERPRINT = "fingerprint.json"
 VERSION = 1
@@ -206,7 +208,6 @@ def _defaults() -> dict:
 
 
 def _normalise(flat: dict) -> dict:
-  from slamjax.config.validate import names
   return {k: (list(names(v)) if k in _NAME_LISTS else v) for k, v in flat.items()}
 
 

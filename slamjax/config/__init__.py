@@ -1,10 +1,13 @@
-"""Configs: the base (every key and default), validation, and finding and
-loading them by name or path.
+"""Configs: the base (every key and default), finding and loading them by
+name or path, and reading values several modules share (name lists, the
+study shard). Checking a whole config: :mod:`slamjax.validation`.
+
+The package imports nothing of slamjax beyond itself, so any module may
+import it.
 
 Example:
   >>> from slamjax import config
   >>> c = config.load("default", "quick")
-  >>> config.validate(c)
   >>> c.runner
   'pipeline'
 """
@@ -15,9 +18,9 @@ from slamjax.config.load import ConfigNotFound
 from slamjax.config.load import available
 from slamjax.config.load import load
 from slamjax.config.load import resolve
-from slamjax.config.validate import names
-from slamjax.config.validate import parse_shard
-from slamjax.config.validate import validate
+from slamjax.config.values import data_source
+from slamjax.config.values import names
+from slamjax.config.values import parse_shard
 
 __all__ = ["CONFIGS_DIR", "ConfigNotFound", "available", "defaults", "load", "names",
-           "parse_shard", "resolve", "validate"]
+           "parse_shard", "resolve", "data_source"]

@@ -1,7 +1,7 @@
 r"""The base config: every key slamjax reads, with its default. One source of truth.
 
 Every config in ``configs/`` starts from :func:`get_config` and overrides
-what it needs; :func:`slamjax.config.validate` rejects any key that is not
+what it needs; :func:`slamjax.validation.validate` rejects any key that is not
 here, so a misspelled or stale setting can never be silently ignored.
 A config copied out of ``configs/`` still works: it imports this module from
 the installed package, not a sibling file.

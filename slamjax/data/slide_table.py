@@ -48,7 +48,7 @@ from typing import Sequence
 
 import numpy as np
 
-from slamjax.config.validate import names as config_names
+from slamjax.config.values import names as config_names
 
 RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
 SPLITS = ("train", "val", "test")

@@ -38,9 +38,9 @@ import time
 
 import numpy as np
 
-from slamjax import config as config_lib
 from slamjax import distributed
 from slamjax import evaluate
+from slamjax import launch
 from slamjax import report
 from slamjax import workdir as workdir_lib
 from slamjax.features import dataset as dataset_lib
@@ -97,18 +97,20 @@ def _write_predictions(path, ds, split_idx, outs):
                     *[repr(float(p)) for p in outs[split]["prob"][j]]])
 
 
-def train_and_evaluate_features(cfg, workdir: str) -> dict:
-  """Runs or resumes features mode; writes results under ``workdir``."""
-  config_lib.validate(cfg)
+def train_and_evaluate_features(cfg, workdir: str, mesh=None) -> dict:
+  """Runs or resumes features mode; writes results under ``workdir``.
+
+  ``mesh``: unused (the heads train on one device); None when called as a
+  library, which checks ``cfg`` here as ``python -m slamjax.main`` does.
+  """
+  if mesh is None:
+    launch.prepare(cfg, workdir)
   if not distributed.is_main_process():
     return {}  # single-host work, done by process 0
   claim = workdir_lib.Run(workdir, cfg, workdir_lib.OUTPUTS["features"])
   timing = {}
   t0 = time.perf_counter()
   d = cfg.data
-  if not d.root:
-    raise ValueError("config.data.root is empty; features mode needs the feature folder, "
-                     "e.g. --config.data.root=/path/to/features")
   ds = dataset_lib.load_feature_folder(
       d.root, d.manifest, d.label_columns or None, d.unlisted,
       label_column=d.get("label_column", ""), negative_label=d.get("negative_label", ""))

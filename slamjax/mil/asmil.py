@@ -192,9 +192,9 @@ def build(cfg, num_tasks, num_base=None):
 
 
 def aux(cfg, model, out, batch, label_known, ctx):
-  """KL of the online attention to the anchor model's (``ctx["anchor_params"]``)."""
+  """KL of the online attention to the anchor model's (``ctx.anchor_params``)."""
   a = cfg.asmil
-  anchor_logits = model.apply(ctx["anchor_params"], batch["x"], batch["mask"],
+  anchor_logits = model.apply(ctx.anchor_params, batch["x"], batch["mask"],
                               method=ASMIL.scores)
   kd = kd_loss(out["attention_logits"], anchor_logits, batch["mask"],
                a.temperature, a.kd_reduction)

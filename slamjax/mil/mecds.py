@@ -351,15 +351,15 @@ def build(cfg, num_tasks, num_base=None):
 
 
 def aux(cfg, model, out, batch, label_known, ctx):
-  """AKD to the teacher (``ctx["teacher_params"]``) in the student phase."""
-  teacher = ctx.get("teacher_params")
+  """AKD to the teacher (``ctx.teacher_params``) in the student phase."""
+  teacher = ctx.teacher_params
   if teacher is None:  # teacher phase: plain supervised loss
     return None, {}
   m = cfg.mecds
   t_logits = model.apply(teacher, batch["x"], batch["mask"])["logits"]
   akd = akd_loss(out["logits"], t_logits, batch["label"], label_known,
                  m.akd_temperature, m.gamma_pos, m.gamma_neg, m.alpha)
-  return ctx.get("kd_scale", 1.0) * m.kd_weight * akd, {"mecds_akd": akd}
+  return ctx.kd_scale * m.kd_weight * akd, {"mecds_akd": akd}
 
 
 SPEC = spec_lib.HeadSpec(build=build, aux_loss=aux, phases=("teacher", "student"),

@@ -8,7 +8,23 @@ is the table of them by name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
+
+
+class AuxContext(NamedTuple):
+  """What a head's ``aux_loss`` may read besides its own outputs, built by
+  the train step (:func:`slamjax.mil.train.make_steps`) at every step.
+
+  Attributes:
+    anchor_params: the anchor parameter copy (ASMIL), or None.
+    teacher_params: the frozen teacher's parameters in MECDS's student
+      phase; None in its teacher phase and for other heads.
+    kd_scale: multiplies the teacher distillation term (0 in MECDS's
+      teacher phase, so both phases share one compilation).
+  """
+  anchor_params: Any = None
+  teacher_params: Any = None
+  kd_scale: Any = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +34,8 @@ class HeadSpec:
   Attributes:
     build: ``(cfg, num_tasks, num_base) -> nn.Module``.
     aux_loss: ``(cfg, model, out, batch, label_known, ctx) -> (per_bag [B],
-      {name: per_bag})`` extra loss terms, or None. ``ctx`` holds
-      ``anchor_params`` (ASMIL) and ``teacher_params`` (MECDS student phase).
+      {name: per_bag})`` extra loss terms, or None. ``ctx`` is an
+      :class:`AuxContext`.
     anchor: keeps an anchor parameter copy in the train state (ASMIL).
     phases: ``("train",)`` or ``("teacher", "student")`` (MECDS).
     aem_default: AEM weight used when ``mil.aem_weight`` is 0.

@@ -53,6 +53,7 @@ from slamjax.mil import mecds
 from slamjax.mil import options
 from slamjax.mil import padding
 from slamjax.mil import resident
+from slamjax.mil import spec as spec_lib
 
 
 @flax.struct.dataclass
@@ -154,8 +155,8 @@ def make_steps(cfg, model, tx, spec=None, task_mask=None, total_steps: int = 1):
   ema = spec.anchor and cfg.asmil.anchor == "ema"
 
   def train_step(state, batch, rng, teacher_params=None, kd_scale=1.0):
-    ctx = {"anchor_params": state.anchor, "teacher_params": teacher_params,
-           "kd_scale": kd_scale}
+    ctx = spec_lib.AuxContext(anchor_params=state.anchor, teacher_params=teacher_params,
+                              kd_scale=kd_scale)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, ctx, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

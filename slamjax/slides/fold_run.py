@@ -24,7 +24,7 @@ from slamjax import encoder
 from slamjax import workdir as workdir_lib
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
-from slamjax.config.validate import names as config_names
+from slamjax.config.values import names as config_names
 from slamjax.mil import standardize
 from slamjax.slides import baselines
 from slamjax.slides import folds as folds_lib

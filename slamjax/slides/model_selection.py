@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from slamjax.config.validate import names as names_of
+from slamjax.config.values import names as names_of
 from slamjax.data import slides as slides_lib
 from slamjax.mil import multihead
 from slamjax.slides import folds as folds_lib

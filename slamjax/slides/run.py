@@ -31,11 +31,10 @@ import numpy as np
 
 from slamjax import config as config_lib
 from slamjax import distributed
+from slamjax import launch
 from slamjax import progress as progress_lib
-from slamjax import sharding
 from slamjax import workdir as workdir_lib
 from slamjax.data import slides as slides_lib
-from slamjax.models import pretrained
 from slamjax.slides import baselines
 from slamjax.slides import fold_run
 from slamjax.slides import folds as folds_lib
@@ -152,10 +151,14 @@ def write_final_records(cfg, cohort, train_all, final_dir: str, fp: dict, digest
       "pretraining_only_slides": [cohort.slide_ids[i] for i in seen[len(train_all):]]})
 
 
-def run_slides(cfg, workdir: str) -> dict:
-  """Runs or resumes cross-validation (+ baselines, + final model)."""
-  config_lib.validate(cfg)
-  pretrained.check(cfg)  # a bad model.init_from fails before any data is decoded
+def run_slides(cfg, workdir: str, mesh=None) -> dict:
+  """Runs or resumes cross-validation (+ baselines, + final model).
+
+  ``mesh``: from :func:`slamjax.launch.prepare` (which checked ``cfg``);
+  None when called as a library: prepared here.
+  """
+  if mesh is None:
+    mesh = launch.prepare(cfg, workdir)
   t_start = time.perf_counter()
   # A workdir holding another run's results: config differences stop here,
   # before any data is decoded; data differences once the cohort is loaded.
@@ -171,7 +174,6 @@ def run_slides(cfg, workdir: str) -> dict:
   print(f"slides: {cohort.summary()}", flush=True)
   print(f"slides: {len(folds)} fold(s): " + "; ".join(
       f"{f['name']} {len(f['train'])}/{len(f['test'])}" for f in folds), flush=True)
-  mesh = sharding.make_mesh(cfg.mesh.data)
 
   records = {}
   requested = config_lib.names(cfg.eval.baselines)

@@ -126,24 +126,23 @@ def _claim(cfg, workdir: str, out_dir: str, write: bool) -> None:
   claim.commit(data, write=write)
 
 
-def run_one(rid: str, c, workdir: str, study_cfg) -> dict:
+def run_one(rid: str, c, workdir: str, study_cfg, mesh) -> dict:
   """Runs (or resumes) one run in ``workdir``; returns its record.
 
-  ``c`` is the run's pipeline config, ``study_cfg`` the study section
-  (probe size, kNN k, whether to train MIL on the other features).
+  ``c`` is the run's pipeline config (already checked), ``study_cfg`` the
+  study section (probe size, kNN k, whether to train MIL on the other
+  features), ``mesh`` the study's device mesh.
   """
   from slamjax import progress
-  from slamjax import sharding
   from slamjax import pipeline
   from slamjax.data import batching
   from slamjax.study import encoder_eval
   t0 = time.perf_counter()
   pool, bagsets = _pool_and_bags(c)
-  results = pipeline.train_and_evaluate(c, workdir, pool=pool)
+  results = pipeline.train_and_evaluate(c, workdir, pool=pool, mesh=mesh)
   history = progress.read_jsonl(os.path.join(workdir, workdir_lib.PRETRAIN_METRICS))
   enc = other = None
   batch_pos = None
-  mesh = sharding.make_mesh(c.mesh.data)
   if c.pretrain.epochs > 0:
     tr = bagsets["train"]
     batch_pos = batching.split_batch(c.pretrain.batch_size, len(tr.all_cells(1)),
@@ -218,10 +217,19 @@ def reuse_records(cfg, out_dir: str, runs: list) -> int:
   return copied
 
 
-def run_study(cfg, workdir: str) -> list[dict]:
-  """Runs every missing run of the study, then writes the report."""
-  from slamjax.study import report
+def run_study(cfg, workdir: str, mesh=None) -> list[dict]:
+  """Runs every missing run of the study, then writes the report.
+
+  ``mesh``: from :func:`slamjax.launch.prepare` (which checked ``cfg``);
+  None when called as a library: prepared here. Every run's own config is
+  checked before the first run starts.
+  """
   from slamjax import config as config_lib
+  from slamjax import launch
+  from slamjax import validation
+  from slamjax.study import report
+  if mesh is None:
+    mesh = launch.prepare(cfg, workdir)
   out_dir = cfg.study.results_dir or os.path.join(workdir, "results")
   shard, num_shards = config_lib.parse_shard(cfg.study.shard)
   _claim(cfg, workdir, out_dir, write=shard == 0)
@@ -231,6 +239,11 @@ def run_study(cfg, workdir: str) -> list[dict]:
     whole["study"]["shard"] = ""
     _write_text(os.path.join(out_dir, "study_config.json"), json.dumps(whole, indent=2))
   runs = list(methods_lib.run_configs(cfg))
+  for rid, c in runs:  # a bad method table fails now, not hours in
+    try:
+      validation.validate(c)
+    except ValueError as e:
+      raise ValueError(f"study run {rid}: {e}") from e
   if shard == 0:
     n = reuse_records(cfg, out_dir, runs)
     if n:
@@ -244,7 +257,7 @@ def run_study(cfg, workdir: str) -> list[dict]:
   for i, (rid, c) in enumerate(todo):
     print(f"study: run {i + 1}/{len(todo)} {rid}", flush=True)
     c.resume = "auto"  # an overwrite was done above, for the whole study
-    rec = run_one(rid, c, os.path.join(workdir, rid), cfg.study)
+    rec = run_one(rid, c, os.path.join(workdir, rid), cfg.study, mesh)
     _write_json(_record_path(out_dir, rid), rec)
     report.write_report(out_dir, cfg)
     done = i + 1

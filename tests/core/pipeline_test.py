@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from slamjax import config as config_lib
 from slamjax import pipeline
+from slamjax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -113,7 +113,7 @@ def test_out_of_range_values_name_the_field(field, value, match):
   section, key = field.split(".")
   cfg[section][key] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
 
 
 def test_unknown_key_in_config_file_is_rejected():
@@ -121,7 +121,7 @@ def test_unknown_key_in_config_file_is_rejected():
   cfg.pretrain.unlock()
   cfg.pretrain.epoch = 3
   with pytest.raises(ValueError, match=r"config.pretrain.epoch"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
 
 
 def test_plan_needing_more_cells_than_exist_fails_before_training(tmp_path):
@@ -135,9 +135,9 @@ def test_plan_needing_more_cells_than_exist_fails_before_training(tmp_path):
 def test_runner_implies_its_data_source():
   cfg = default.get_config("quick")
   cfg.runner = "slides"  # the base default source ("synthetic") is left as it is
-  from slamjax.config.validate import data_source
+  from slamjax.config.values import data_source
   assert data_source(cfg) == "slides"
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   cfg.data.source = "folder"  # a source the runner cannot read: named
   with pytest.raises(ValueError, match=r"config.data.source='folder'.*'slides'"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from slamjax import config as config_lib
+from slamjax import validation
 from slamjax.data import bags as bags_lib
 from slamjax.data import folder
 from slamjax.data import sources
@@ -96,8 +97,8 @@ def test_quick_variant_fits(pbc_root, name):
 def test_pbc_configs_follow_the_schema(name, arg):
   cfg = _config(name, arg)
   assert cfg.data.source == "folder" and os.path.isabs(cfg.data.root)
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   for size in (96, 128):
     cfg.data.image_size = size
     assert cfg.augment.crop_size == size * 7 // 8
-    config_lib.validate(cfg)
+    validation.validate(cfg)

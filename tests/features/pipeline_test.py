@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import features_folder
-from slamjax import config as config_lib
 from slamjax import evaluate
 from slamjax import runners
+from slamjax import validation
 from slamjax.data import bags as bags_lib
 from slamjax.data import pool as pool_lib
 from slamjax.features import dataset as dataset_lib
@@ -196,15 +196,15 @@ def test_features_config_errors():
   cfg = features_folder.get_config()
   cfg.data.test_fraction = 1.0
   with pytest.raises(ValueError, match=r"config.data.test_fraction=1.0 is outside"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   cfg = features_folder.get_config()
   cfg.data.unlisted = "skip"
   with pytest.raises(ValueError, match=r"config.data.unlisted='skip'"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   cfg = features_folder.get_config()
   cfg.data.source = "folder"  # the features runner reads feature files only
   with pytest.raises(ValueError, match=r"config.data.source='folder'.*'features'"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   with pytest.raises(ValueError, match="'quick'"):
     features_folder.get_config("fast")
 

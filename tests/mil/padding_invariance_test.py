@@ -16,6 +16,7 @@ import pytest
 
 from slamjax.mil import heads, options
 from slamjax.mil import train as mil_train
+from slamjax.mil import spec as spec_lib
 
 CASES = {
     # name: (config overrides, tasks, base tasks, valid instances)
@@ -58,8 +59,8 @@ def test_padding_invariance(head, cfg_for, x64):
   params, other = init(x)
   # MECDS's AKD is a function of the logits alone (checked below); leaving the
   # teacher out halves what this test compiles.
-  ctx = {"anchor_params": other, "kd_scale": 1.0,
-         "teacher_params": None if head == "mecds" else other}
+  ctx = spec_lib.AuxContext(anchor_params=other,
+                            teacher_params=None if head == "mecds" else other)
   loss_fn = mil_train.make_loss_fn(cfg, spec, model, np.ones(num_tasks, bool), 100,
                                    with_outputs=True)
 

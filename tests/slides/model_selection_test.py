@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from slamjax import config as config_lib
+from slamjax import validation
 from slamjax.data import slides as slides_lib
 from slamjax.slides import model_selection as ms
 
@@ -129,7 +130,7 @@ def test_nonparametric_negref_head_in_the_slides_selection(tmp_path):
   bags, y = _bags(30, rng, 4.0)
   cfg = _cfg()
   cfg.mil.heads = ("negref",)
-  config_lib.validate(cfg)  # the slides runner takes it
+  validation.validate(cfg)  # the slides runner takes it
   (f,) = ms.fit_heads(cfg, bags, y, None, str(tmp_path), verbose=False)
   assert ms.epoch_candidates(f.cfg) == (cfg.mil.epochs,)  # nothing to choose
   assert f.thresholds[0] == ms.choose_threshold(y[:, 0], f.oof_prob[:, 0])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from slamjax import config as config_lib
+from slamjax import validation
 from slamjax.data import make_cohort
 from slamjax.data import slides as slides_lib
 from slamjax.slides import fold_run
@@ -172,7 +173,7 @@ def test_pseudo_label_stage_runs_in_a_slides_fold(tmp_path):
   cfg.data.root, cfg.data.cache_dir = cohort_dir, str(tmp_path / "cache")
   cfg.pseudo.steps_per_round, cfg.pseudo.rounds = 2, 2
   cfg.eval.inner_folds = 2
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   cohort = slides_lib.load_cohort(cfg.data)
   from slamjax import sharding
   wd = str(tmp_path / "fold")
@@ -189,10 +190,10 @@ def test_pseudo_label_stage_runs_in_a_slides_fold(tmp_path):
 def test_pseudo_label_baseline_refuses_unlabeled_slides_in_pretraining():
   cfg = config_lib.load("slides", "quick")
   cfg.eval.baselines = ("pseudo_label",)
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   cfg.eval.unlabeled_in_pretraining = True
   with pytest.raises(ValueError, match=r"pseudo_label.*unlabeled_in_pretraining"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   cfg.eval.baselines, cfg.pseudo.rounds = (), 2
   with pytest.raises(ValueError, match=r"pseudo.rounds > 0 with eval.unlabeled"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from slamjax import config as config_lib
+from slamjax import validation
 from slamjax.study import methods
 from slamjax.study import report
 from slamjax.study import run
@@ -38,7 +39,7 @@ def test_run_plan_applies_method_overrides():
   # issue 18: >= 100 + 100 bags per split, 0.5% still one witness
   assert all(min(v) >= 100 for v in cfg.bags.bags_per_split.values())
   assert cfg.bags.bag_size * min(cfg.study.witness_rates) >= 1
-  config_lib.validate(c)
+  validation.validate(c)
 
 
 def test_shards_split_the_runs_without_overlap():
@@ -50,7 +51,7 @@ def test_shards_split_the_runs_without_overlap():
   for bad in ("2/2", "1", "x/2", "-1/2"):
     cfg.study.shard = bad
     with pytest.raises(ValueError, match="study.shard"):
-      config_lib.validate(cfg)
+      validation.validate(cfg)
 
 
 def test_unknown_method_and_key_are_named():

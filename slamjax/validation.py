@@ -5,11 +5,16 @@ name (runner, data source, surgery method, MIL head, objective) must be in
 its registry; numbers must be in range. Errors name the field, the value and
 what would be valid, and come before any data is loaded.
 
+Each list of valid names lives with the code that implements it
+(``pretrain.OBJECTIVES``, ``heads.HEADS``, ``baselines.NAMES``, ...); this
+module only reads them. :func:`prepare` is the one setup every runner gets:
+called by ``python -m slamjax.main`` once, or by a runner called as a library.
+
 Example:
-  >>> from slamjax import config
+  >>> from slamjax import config, validation
   >>> cfg = config.load("default", "quick")
   >>> cfg.bags.witness_rate = 1.5
-  >>> config.validate(cfg)
+  >>> validation.validate(cfg)
   Traceback (most recent call last):
   ...
   ValueError: config.bags.witness_rate=1.5 is outside the valid range (0, 1]
@@ -21,44 +26,24 @@ import difflib
 
 import ml_collections
 
+from slamjax import pretrain
+from slamjax import runners
+from slamjax import surgery
 from slamjax.config import base as base_lib
+from slamjax.config.values import IMPLIED_SOURCE
+from slamjax.config.values import data_source
+from slamjax.config.values import names
+from slamjax.config.values import parse_shard
+from slamjax.data import augment
+from slamjax.data import sources
+from slamjax.mil import multihead
+from slamjax.models import resnet
+from slamjax.slides import baselines
+from slamjax.slides import slide_features
 
 # Fields whose value is a free-form mapping (class -> count, split -> counts).
 FREE_FORM = {"data.num_per_class", "bags.bags_per_split", "bags.split_fractions",
              "pretrain.surgery_kwargs"}
-
-
-def names(value) -> tuple[str, ...]:
-  """A tuple of names from a config value; entries may be comma-separated,
-  so ``--config.eval.baselines=simclr,random_init`` works on the command line.
-
-  >>> names(("simclr,random_init",)), names("a, b"), names(())
-  (('simclr', 'random_init'), ('a', 'b'), ())
-  """
-  if isinstance(value, str):
-    value = (value,)
-  return tuple(n.strip() for entry in (value or ()) for n in str(entry).split(",")
-               if n.strip())
-
-
-# Runners that read only one kind of input: their data.source is implied.
-IMPLIED_SOURCE = {"features": "features", "slides": "slides"}
-
-
-def data_source(cfg) -> str:
-  """``config.data.source``, or the runner's own when the runner implies one
-  and the config leaves the base default (so ``--config.runner=slides`` on
-  any config needs no ``--config.data.source=slides``).
-
-  >>> import ml_collections
-  >>> data_source(ml_collections.ConfigDict(
-  ...     {"runner": "slides", "data": {"source": "synthetic"}}))
-  'slides'
-  """
-  implied = IMPLIED_SOURCE.get(cfg.runner)
-  if implied and cfg.data.source == base_lib.get_config().data.source:
-    return implied
-  return cfg.data.source
 
 
 def _unknown_keys(node, ref, prefix: str) -> None:
@@ -98,12 +83,6 @@ def _choice(path, value, valid) -> None:
 
 def _names(cfg) -> None:
   """Every name the config uses, checked against its registry."""
-  from slamjax import runners  # registries import heavier modules: only here
-  from slamjax import pretrain
-  from slamjax import surgery
-  from slamjax.models import resnet
-  from slamjax.data import sources
-  from slamjax.mil import multihead
   _choice("runner", cfg.runner, runners.RUNNERS)
   implied = IMPLIED_SOURCE.get(cfg.runner)
   _choice("data.source", data_source(cfg),
@@ -120,31 +99,10 @@ def _names(cfg) -> None:
   multihead.head_names(cfg.mil)
 
 
-def parse_shard(shard: str) -> tuple[int, int]:
-  """``(i, n)`` of ``config.study.shard`` ("i/n", or "" for (0, 1)).
-
-  >>> parse_shard("1/2"), parse_shard("")
-  ((1, 2), (0, 1))
-  """
-  if not shard:
-    return 0, 1
-  try:
-    i, n = (int(x) for x in str(shard).split("/"))
-  except ValueError:
-    i, n = -1, 0
-  if not 0 <= i < n:
-    raise ValueError(f"config.study.shard={shard!r}; valid: '' (every run) or 'i/n' "
-                     "with 0 <= i < n, e.g. '0/2' and '1/2' for two processes")
-  return i, n
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError on unknown keys, unknown names or out-of-range values."""
   _unknown_keys(cfg, base_lib.get_config(), "")
   _names(cfg)
-  from slamjax.data import augment  # registries import heavier modules: only here
-  from slamjax.slides import baselines
-  from slamjax.slides import slide_features
   inf = float("inf")
   b = cfg.bags
   _range("bags.witness_rate", b.witness_rate, 0, 1, lo_open=True)
