@@ -52,22 +52,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from slamjax.data import image_cache
 from slamjax.data import pool as pool_lib
+from slamjax.data.errors import BadFileError
+from slamjax.data.errors import FolderDataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class FolderDataError(ValueError):
-  """A problem with the files of an image-folder dataset."""
-
-
-class BadFileError(FolderDataError):
-  """A file that is not an image or does not decode; names the file."""
-
-  def __init__(self, path: str, reason: str):
-    super().__init__(f"{path}: {reason}; remove it or set "
-                     "config.data.skip_bad_files=True")
-    self.path, self.reason = path, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +242,6 @@ def decode_image(data: bytes, image_size: int | None, name: str = "<bytes>") -> 
   Raises:
     BadFileError: naming ``name`` if the bytes are not a decodable image.
   """
-  from slamjax.data import image_cache  # it imports this module
   return image_cache.decode_cell(data, image_size, name, draft=False)
 
 

@@ -64,7 +64,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from slamjax.data import folder
+from slamjax.data.errors import BadFileError
 
 # Bump when decode_cell's output changes, so old caches are not reused.
 # 2: high-bit-depth images scaled by their real range; 16-bit colour kept at
@@ -212,7 +212,7 @@ def decode_cell(data: bytes, image_size: int | None, name: str = "<bytes>",
   resized). ``draft=False`` decodes JPEGs at full scale before resizing.
 
   Raises:
-    folder.BadFileError: naming ``name`` if the bytes do not decode.
+    BadFileError: naming ``name`` if the bytes do not decode.
 
   Example:
     >>> import io, numpy as np
@@ -233,10 +233,10 @@ def decode_cell(data: bytes, image_size: int | None, name: str = "<bytes>",
       orientation = img.getexif().get(0x0112, 1)
       img = _to_rgb(img, data, _sixteen_bit_colour(data, img, tiles))
   except Image.UnidentifiedImageError:
-    raise folder.BadFileError(name, "cannot decode image (not a recognised "
+    raise BadFileError(name, "cannot decode image (not a recognised "
                               "image format)") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-    raise folder.BadFileError(
+    raise BadFileError(
         name, f"cannot decode image ({type(e).__name__}: {e})") from None
   if orientation in _ORIENT:
     img = img.transpose(_ORIENT[orientation])
@@ -310,7 +310,7 @@ def _decode_file(args):
     return None, f"cannot read file ({e.strerror or e})"
   try:
     return decode_cell(data, image_size, path, center_crop), None
-  except folder.BadFileError as e:
+  except BadFileError as e:
     return None, e.reason
 
 
