@@ -9,6 +9,7 @@ import pytest
 
 from slamjax.mil import heads, options
 from slamjax.mil import train as mil_train
+from slamjax.mil import spec as spec_lib
 
 N = 4096
 
@@ -36,7 +37,7 @@ def largest_square(head, **over):
   batch = dict(x=x, mask=mask, label=jax.ShapeDtypeStruct((1, 1), jnp.float32),
                weight=jax.ShapeDtypeStruct((1,), jnp.float32))
   jaxpr = jax.make_jaxpr(lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(
-      p, b, jax.random.key(1), {"anchor_params": p, "teacher_params": p, "kd_scale": 1.0},
+      p, b, jax.random.key(1), spec_lib.AuxContext(anchor_params=p, teacher_params=p),
       0))(params, batch)
   return max(sum(d >= N for d in s) for s in _avals(jaxpr.jaxpr))
 
