@@ -89,6 +89,7 @@ PSEUDO_ROUNDS = "pseudo_rounds.json"
 PSEUDO_METRICS = "pseudo_metrics.jsonl"
 STANDARDIZE = "standardize.npz"  # slides: embedding mean/std of the training slides
 MODEL = "model.json"  # slides: heads, thresholds, epochs, fusion of a fold/final
+RECORD = "record.json"  # slides: a finished fold (its metrics and fingerprint)
 MEAN_EMBEDDINGS = "mean_embeddings.npz"  # slides: what the mean_pool baseline reads
 RESULTS = "results.md"
 METRICS = "metrics.json"

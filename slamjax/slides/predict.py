@@ -20,6 +20,12 @@ slides. Writes under ``out``:
 The final model is checked first (:func:`slamjax.workdir.check_final`): a
 ``final/`` whose config or fingerprint does not match its run is refused.
 
+``ensemble="folds"`` averages the final model with the cross-validation
+fold models of the same run (probabilities, attention and thresholds
+averaged over the members; every fold must have finished and match the
+final model's fingerprint). ``"final"`` (the default) uses the final model
+alone.
+
 Example::
 
   from slamjax.slides import predict
@@ -140,19 +146,97 @@ def slides_config(cfg, slides: str):
   return d
 
 
-def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> dict:
-  """Predicts every slide of ``slides``; returns {head: prob [S, T]} and writes files."""
+ENSEMBLES = ("final", "folds")
+
+
+def members(workdir: str, ensemble: str, fingerprint_id: str) -> list[tuple[str, str]]:
+  """``(name, folder)`` of the models ``ensemble`` averages: the final model,
+  and with ``"folds"`` first every finished cross-validation fold model of
+  SLAM-AGS in ``workdir`` (each checked against ``fingerprint_id``)."""
+  from slamjax import runtime
+  from slamjax import workdir as workdir_lib
+  final = [("final", os.path.join(workdir, "final"))]
+  if ensemble not in ENSEMBLES:
+    raise runtime.InputError(f"--ensemble={ensemble!r}; valid: {', '.join(ENSEMBLES)}")
+  if ensemble == "final":
+    return final
+  root = os.path.join(workdir, "folds", "slam_ags")
+  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  if not names:
+    raise workdir_lib.WorkdirError(f"--ensemble=folds: {root} holds no fold models; the "
+                                   "run has no cross-validation to average")
+  out = []
+  for name in names:
+    d = os.path.join(root, name)
+    record = os.path.join(d, workdir_lib.RECORD)
+    if not os.path.exists(record):
+      raise workdir_lib.WorkdirError(
+          f"--ensemble=folds: {d} did not finish ({workdir_lib.RECORD} is missing); rerun "
+          "the slides command to complete it, or use --ensemble=final")
+    fp = workdir_lib.read_json(record).get("fingerprint")
+    if fp != fingerprint_id:
+      raise workdir_lib.WorkdirError(
+          f"--ensemble=folds: {d} was trained on another run (fingerprint {fp}, the final "
+          f"model's {fingerprint_id}); rerun the slides command, or use --ensemble=final")
+    out.append((name, d))
+  return out + final
+
+
+def predict_member(cfg, folder: str, cohort, feats, mesh) -> tuple[dict, dict, dict]:
+  """``(model.json, {head: prob [S, T]}, {head: [attention per slide]})`` of the
+  model trained in ``folder`` (a fold's or ``final/``) on every slide."""
   from slamjax import encoder
-  from slamjax import report
-  from slamjax import sharding
-  from slamjax.data import slides as slides_lib
+  from slamjax import workdir as workdir_lib
   from slamjax.mil import standardize
   from slamjax.slides import fold_run
   from slamjax.slides import model_selection
+  info = workdir_lib.read_json(os.path.join(folder, workdir_lib.MODEL))
+  model, state = encoder.load(cfg, folder, mesh)
+  idx = np.arange(len(cohort.slide_ids))
+  stats = np.load(os.path.join(folder, workdir_lib.STANDARDIZE), allow_pickle=False)
+  emb = standardize.apply(fold_run.embed_slides(cfg, model, state, cohort, idx, mesh),
+                         stats["mean"], stats["std"])
+  probs, attention = {}, {}
+  for name, head_cfg, st, fusion in model_selection.load_fitted(cfg, folder, info, emb):
+    o = model_selection.predict_head(head_cfg, st, emb, feats, fusion)
+    probs[name], attention[name] = np.asarray(o["prob"]), o["attention"]
+  return info, probs, attention
+
+
+def average_members(outputs: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+  """``(thresholds, probs, attention)``: each head's mean over the members.
+
+  >>> a = ({"thresholds": {"h": [0.4]}}, {"h": np.array([[0.2]])}, {"h": [np.array([1., 0.])]})
+  >>> b = ({"thresholds": {"h": [0.6]}}, {"h": np.array([[0.8]])}, {"h": [np.array([0., 1.])]})
+  >>> thr, p, att = average_members([a, b])
+  >>> thr["h"], p["h"].tolist(), att["h"][0].tolist()
+  ([0.5], [[0.5]], [0.5, 0.5])
+  """
+  heads = list(outputs[-1][1])
+  thresholds = {h: np.mean([o[0]["thresholds"][h] for o in outputs], 0).tolist()
+                for h in heads}
+  probs = {h: np.mean([o[1][h] for o in outputs], 0) for h in heads}
+  attention = {h: [np.mean([o[2][h][j] for o in outputs], 0)
+                   for j in range(len(outputs[-1][2][h]))] for h in heads}
+  return thresholds, probs, attention
+
+
+def predict(workdir: str, slides: str, out: str, top_k: int | None = None,
+            ensemble: str = "final") -> dict:
+  """Predicts every slide of ``slides``; returns {head: prob [S, T]} and writes files.
+
+  ``ensemble``: ``"final"`` (the final model) or ``"folds"`` (the final
+  model and the fold models, averaged; see the module docstring).
+  """
+  from slamjax import report
+  from slamjax import sharding
+  from slamjax.data import slides as slides_lib
+  from slamjax.slides import fold_run
   from slamjax.slides import report as slides_report
   from slamjax import workdir as workdir_lib
   cfg, info, complete = load_final(workdir)
   final = os.path.join(workdir, "final")
+  used = members(workdir, ensemble, complete["fingerprint"])
   cohort = slides_lib.load_cohort(slides_config(cfg, slides), require_labels=False)
   print(f"predict: {cohort.summary()}", flush=True)
   known = known_slides(cohort, workdir_lib.cell_digests(cohort.images), final, complete)
@@ -165,17 +249,16 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
     print("predict: " + collapsed.replace("**", ""), flush=True)
   os.makedirs(out, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh.data)
-  model, state = encoder.load(cfg, final, mesh)
-  idx = np.arange(len(cohort.slide_ids))
-  stats = np.load(os.path.join(final, workdir_lib.STANDARDIZE), allow_pickle=False)
-  emb = standardize.apply(fold_run.embed_slides(cfg, model, state, cohort, idx, mesh),
-                         stats["mean"], stats["std"])
   tasks = info["task_names"]
-  feats = fold_run.slide_feature_sets(cfg, cohort, {"new": idx}).get("new")
-  probs, attention = {}, {}
-  for name, head_cfg, st, fusion in model_selection.load_fitted(cfg, final, info, emb):
-    o = model_selection.predict_head(head_cfg, st, emb, feats, fusion)
-    probs[name], attention[name] = o["prob"], o["attention"]
+  feats = fold_run.slide_feature_sets(
+      cfg, cohort, {"new": np.arange(len(cohort.slide_ids))}).get("new")
+  outputs = []
+  for i, (name, folder) in enumerate(used):
+    if len(used) > 1:
+      print(f"predict: model {i + 1} of {len(used)} ({name})", flush=True)
+    outputs.append(predict_member(cfg, folder, cohort, feats, mesh))
+  thresholds, probs, attention = average_members(outputs)
+  info = dict(info, thresholds=thresholds)
   slides_report.write_predictions(os.path.join(out, "predictions.csv"),
                                   list(cohort.slide_ids), tasks, probs, info["thresholds"])
   head = info["heads"][0]
@@ -202,10 +285,15 @@ def predict(workdir: str, slides: str, out: str, top_k: int | None = None) -> di
                  **{f"p({t})": f"{p[i]:.3f}" for i, t in enumerate(tasks)},
                  **{f"predicted {t}": "positive" if p[i] >= thr[i] else "negative"
                     for i, t in enumerate(tasks)}})
-  md = ["# slamjax predictions", "",
-        f"Model: `{final}` ({info['num_training_slides']} training slides; head `{head}`; "
-        "thresholds " + ", ".join(f"{t} {thr:.3f}" for t, thr in zip(tasks, info["thresholds"][head]))
-        + ", chosen by inner cross-validation on the training slides).", f"Slides: `{slides}`: {cohort.summary()}", "",
+  thr_text = ", ".join(f"{t} {v:.3f}" for t, v in zip(tasks, info["thresholds"][head]))
+  model_line = (
+      f"Model: `{final}` ({info['num_training_slides']} training slides; head `{head}`; "
+      f"thresholds {thr_text}, chosen by inner cross-validation on the training slides)."
+      if len(used) == 1 else
+      f"Model: the mean of {len(used)} models of `{workdir}` ({', '.join(n for n, _ in used)}; "
+      f"head `{head}`): probabilities, attention and thresholds averaged (thresholds "
+      f"{thr_text}; each chosen by inner cross-validation on its training slides).")
+  md = ["# slamjax predictions", "", model_line, f"Slides: `{slides}`: {cohort.summary()}", "",
         report.markdown_table(rows, list(rows[0])), ""]
   if collapsed:
     md += [collapsed, ""]

@@ -83,7 +83,7 @@ def run_method(cfg, cohort, folds, method: str, workdir: str, mesh,
   records = []
   for fold in folds:
     fold_dir = os.path.join(workdir, method, fold["name"])
-    path = os.path.join(fold_dir, "record.json")
+    path = os.path.join(fold_dir, workdir_lib.RECORD)
     if os.path.exists(path):
       records.append(_read_record(path, fp_id))
       print(f"slides: {method} {fold['name']}: recorded, skipped", flush=True)
@@ -114,7 +114,7 @@ def run_slide_baseline(cfg, cohort, folds, method: str, workdir: str, stats,
   """Every fold of a slide-feature baseline (a logistic regression; seconds)."""
   records = []
   for fold in folds:
-    path = os.path.join(workdir, method, fold["name"], "record.json")
+    path = os.path.join(workdir, method, fold["name"], workdir_lib.RECORD)
     if os.path.exists(path):
       records.append(_read_record(path, fp_id))
       continue

@@ -161,6 +161,47 @@ def test_readme_commands_cross_validate_and_predict(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "galleries", f"{p['slide_id']}.png"))
   assert "# slamjax predictions" in pathlib.Path(os.path.join(out, "report.md")).read_text()
 
+  # --ensemble folds: the mean of the fold models and the final model.
+  from slamjax import sharding
+  ens = predict.predict(wd, new, str(tmp_path / "ens"), ensemble="folds")
+  cfg, _, complete = predict.load_final(wd)
+  used = predict.members(wd, "folds", complete["fingerprint"])
+  assert [n for n, _ in used] == ["fold0", "fold1", "final"]
+  new_cohort = slides_lib.load_cohort(predict.slides_config(cfg, new), require_labels=False)
+  feats = fold_run.slide_feature_sets(
+      cfg, new_cohort, {"new": np.arange(len(new_cohort.slide_ids))})["new"]
+  each = [predict.predict_member(cfg, d, new_cohort, feats, sharding.make_mesh(-1))
+          for _, d in used]
+  np.testing.assert_allclose(ens["abmil"], np.mean([e[1]["abmil"] for e in each], 0),
+                             rtol=1e-6)
+  assert not np.allclose(ens["abmil"], each[-1][1]["abmil"])  # not the final model alone
+  ens_rows = _rows(os.path.join(tmp_path, "ens", "predictions.csv"))
+  thr = np.mean([e[0]["thresholds"]["abmil"][0] for e in each])
+  assert all(abs(float(r["threshold_label"]) - thr) < 1e-3 for r in ens_rows)
+  assert "the mean of 3 models" in (tmp_path / "ens" / "report.md").read_text()
+
+
+def test_ensemble_members_are_finished_folds_of_the_same_run(tmp_path):
+  from slamjax import workdir as workdir_lib
+  from slamjax.slides import predict
+  wd = tmp_path / "run"
+  for fold in ("fold0", "fold1"):
+    d = wd / "folds" / "slam_ags" / fold
+    d.mkdir(parents=True)
+    (d / workdir_lib.RECORD).write_text(json.dumps({"fingerprint": "abc"}))
+  assert predict.members(str(wd), "final", "abc") == [("final", str(wd / "final"))]
+  assert [n for n, _ in predict.members(str(wd), "folds", "abc")] == [
+      "fold0", "fold1", "final"]
+  with pytest.raises(workdir_lib.WorkdirError, match=r"fold0 was trained on another run"):
+    predict.members(str(wd), "folds", "abd")
+  (wd / "folds" / "slam_ags" / "fold1" / workdir_lib.RECORD).unlink()
+  with pytest.raises(workdir_lib.WorkdirError, match=r"fold1 did not finish"):
+    predict.members(str(wd), "folds", "abc")
+  with pytest.raises(ValueError, match=r"--ensemble='mean'; valid: final, folds"):
+    predict.members(str(wd), "mean", "abc")
+  with pytest.raises(workdir_lib.WorkdirError, match=r"holds no fold models"):
+    predict.members(str(tmp_path / "empty"), "folds", "abc")
+
 
 @pytest.mark.slow
 def test_pseudo_label_stage_runs_in_a_slides_fold(tmp_path):
