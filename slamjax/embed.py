@@ -29,13 +29,16 @@ from slamjax import sharding
 from slamjax.data import augment
 from slamjax.models import layers
 
+# config.embed.output: the projection head's output, or the pooled backbone's.
+OUTPUTS = ("projection", "backbone")
+
 
 def make_embed_fn(cfg, model, mesh):
   """``fn(params, batch_stats, uint8 images) -> float32 embeddings`` (jitted)."""
   a = cfg.augment
   output = cfg.embed.output
-  if output not in ("projection", "backbone"):
-    raise ValueError(f"config.embed.output={output!r}; valid: 'projection', 'backbone'")
+  if output not in OUTPUTS:
+    raise ValueError(f"config.embed.output={output!r}; valid: {', '.join(OUTPUTS)}")
 
   def fn(params, batch_stats, images):
     x = augment.eval_view(images, a.crop_size, a.mean, a.std)

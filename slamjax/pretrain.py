@@ -74,6 +74,8 @@ TASKS = ("simclr", "similarity")
 OBJECTIVES = ("slam", "bag_label")
 # pretrain.similarity: the reference's pure attraction, or with repulsion.
 SIMILARITIES = ("attract", "repel")
+# pretrain.surgery_granularity: one surgery over the whole model, or one per leaf.
+GRANULARITIES = ("model", "leaf")
 
 
 @flax.struct.dataclass
@@ -112,9 +114,9 @@ def build_surgery(cfg, model=None) -> optax.GradientTransformation:
   make = lambda: surgery.get(name, key=cfg.seed, num_tasks=len(TASKS), **kwargs)
   if granularity == "model":
     return make()
-  if granularity != "leaf":
+  if granularity not in GRANULARITIES:
     raise ValueError(f"config.pretrain.surgery_granularity={granularity!r}; "
-                     "valid: 'model', 'leaf'")
+                     f"valid: {', '.join(GRANULARITIES)}")
   crop = cfg.augment.crop_size
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((2, crop, crop, 3)), train=False)["params"])

@@ -26,15 +26,18 @@ import difflib
 
 import ml_collections
 
+from slamjax import embed
 from slamjax import pretrain
 from slamjax import runners
 from slamjax import surgery
+from slamjax import workdir as workdir_lib
 from slamjax.config import base as base_lib
 from slamjax.config.values import IMPLIED_SOURCE
 from slamjax.config.values import data_source
 from slamjax.config.values import names
 from slamjax.config.values import parse_shard
 from slamjax.data import augment
+from slamjax.data import slide_table
 from slamjax.data import sources
 from slamjax.mil import multihead
 from slamjax.models import resnet
@@ -89,13 +92,13 @@ def _names(cfg) -> None:
           (implied,) if implied else tuple(sources.SOURCES))
   _choice("pretrain.surgery", cfg.pretrain.surgery, surgery.names())
   _choice("pretrain.surgery_granularity", cfg.pretrain.surgery_granularity,
-          ("model", "leaf"))
+          pretrain.GRANULARITIES)
   _choice("pretrain.objective", cfg.pretrain.objective, pretrain.OBJECTIVES)
-  _choice("embed.output", cfg.embed.output, ("projection", "backbone"))
+  _choice("embed.output", cfg.embed.output, embed.OUTPUTS)
   _choice("model.projection", cfg.model.projection, resnet.PROJECTIONS)
   _choice("pretrain.similarity", cfg.pretrain.similarity, pretrain.SIMILARITIES)
-  _choice("data.unlisted", cfg.data.unlisted, ("error", "ignore"))
-  _choice("resume", cfg.resume, ("auto", "overwrite"))
+  _choice("data.unlisted", cfg.data.unlisted, slide_table.UNLISTED)
+  _choice("resume", cfg.resume, workdir_lib.Run.MODES)
   multihead.head_names(cfg.mil)
 
 
@@ -158,13 +161,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        "unlabeled slides would be taken for positive ones; turn one off")
   if cfg.runner == "slides":
     _range("eval.folds", cfg.eval.folds, 2, inf, integer=True)
-  valid = baselines.NAMES if cfg.runner == "slides" else ("simclr", "random_init")
+  if cfg.runner != "slides" and names(cfg.eval.baselines):
+    # Only the slides runner runs them; elsewhere they would be ignored.
+    raise ValueError(
+        f"config.eval.baselines={names(cfg.eval.baselines)} is read by the slides runner "
+        f"only (config.runner={cfg.runner!r}); the witness-rate study compares encoders "
+        "on simulated bags (configs/witness_study.py, study.methods)")
   if cfg.runner == "slides" and "pseudo_label" in names(cfg.eval.baselines) and \
       cfg.eval.unlabeled_in_pretraining:
     raise ValueError("config.eval.baselines 'pseudo_label' with "
                      "eval.unlabeled_in_pretraining: unlabeled slides would be taken for "
                      "positive ones; turn one off")
   for name in names(cfg.eval.baselines):
-    _choice("eval.baselines", name, valid)
+    _choice("eval.baselines", name, baselines.NAMES)
   if cfg.runner == "slides":
     baselines.check(cfg, names(cfg.eval.baselines))

@@ -422,6 +422,10 @@ class Run:
     log: where the legacy-workdir warning goes.
   """
 
+  # config.resume: "auto" resumes a matching run and refuses another one;
+  # "overwrite" deletes another run's results first.
+  MODES = ("auto", "overwrite")
+
   def __init__(self, workdir: str, cfg, outputs: Sequence[str], log=print):
     self.workdir, self.cfg, self.log = workdir, cfg, log
     self.outputs = tuple(outputs)

@@ -52,6 +52,9 @@ from slamjax.config.values import names as config_names
 
 RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
 SPLITS = ("train", "val", "test")
+# config.data.unlisted: what a slide folder (or feature file) missing from
+# the table is: an error naming it, or ignored.
+UNLISTED = ("error", "ignore")
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val",
                  "testing": "test"}
 # Cell values that mean "no label" (compared lower-cased).

@@ -345,7 +345,7 @@ def load_feature_folder(root: str, manifest: str = "slides.csv",
       a bag is empty, a file is malformed, or the CSV columns are wrong. All
       problem files are listed together.
   """
-  if unlisted_files not in ("error", "ignore"):
+  if unlisted_files not in slide_table.UNLISTED:
     raise FeatureDataError(f"config.data.unlisted={unlisted_files!r}; "
                            "valid: 'error', 'ignore'")
   if not root:

@@ -23,10 +23,11 @@ Example (on any features)::
 
 from __future__ import annotations
 
-
 import numpy as np
 
-FEATURES = ("backbone", "projection")
+from slamjax import embed
+
+FEATURES = embed.OUTPUTS
 
 
 def probe_cells(cfg, pool, cells_per_class: int = 600) -> dict:

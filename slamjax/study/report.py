@@ -35,9 +35,10 @@ import tempfile
 import numpy as np
 
 from slamjax import collapse
+from slamjax import embed
 from slamjax.study import methods as methods_lib
 
-FEATURES = ("projection", "backbone")
+FEATURES = embed.OUTPUTS  # the two feature types every run records
 _CELL_RESAMPLES = 300  # probe CIs: fewer resamples (1,200 test cells per run)
 
 

@@ -124,6 +124,14 @@ def test_unknown_key_in_config_file_is_rejected():
     validation.validate(cfg)
 
 
+def test_baselines_outside_the_slides_runner_are_refused_not_ignored():
+  cfg = default.get_config("quick")
+  cfg.eval.baselines = ("simclr",)
+  with pytest.raises(ValueError, match=r"eval.baselines=\('simclr',\) is read by the "
+                     r"slides runner only \(config.runner='pipeline'\)"):
+    validation.validate(cfg)
+
+
 def test_plan_needing_more_cells_than_exist_fails_before_training(tmp_path):
   cfg = default.get_config("quick")
   cfg.bags.bag_size = 500
