@@ -1,7 +1,7 @@
 r"""Command line: diagnose new patients with a model trained by the ``slides`` runner.
 
   python -m slamjax.predict --workdir /tmp/my_cohort --slides /path/to/new_slides \
-      --out /tmp/my_cohort_predictions [--ensemble folds]
+      --out /tmp/my_cohort_predictions [--ensemble final]
 
 What it reads and writes: :mod:`slamjax.slides.predict`.
 """
@@ -17,9 +17,10 @@ flags.DEFINE_string("workdir", None, "A trained slides run (holding final/).")
 flags.DEFINE_string("slides", None, "Folder of slide folders, or a slide CSV.")
 flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("top_k", None, "Cells per gallery (default: the run's eval.top_k).")
-flags.DEFINE_enum("ensemble", "final", ["final", "folds"],
-                  "final: the final model; folds: the mean of the final model and the "
-                  "run's cross-validation fold models.")
+flags.DEFINE_enum("ensemble", "folds", ["folds", "final"],
+                  "folds: the mean of the final model and the run's cross-validation "
+                  "fold models (ranks better: docs/slides.md); final: the final model "
+                  "alone.")
 
 
 def main(argv):

@@ -20,11 +20,14 @@ slides. Writes under ``out``:
 The final model is checked first (:func:`slamjax.workdir.check_final`): a
 ``final/`` whose config or fingerprint does not match its run is refused.
 
-``ensemble="folds"`` averages the final model with the cross-validation
-fold models of the same run (probabilities, attention and thresholds
-averaged over the members; every fold must have finished and match the
-final model's fingerprint). ``"final"`` (the default) uses the final model
-alone.
+``ensemble="folds"`` (the default) averages the final model with the
+cross-validation fold models of the same run: probabilities, attention and
+thresholds are averaged over the members; every fold must have finished and
+match the final model's fingerprint. On 400 new patients of a generated
+composition cohort it ranked better than the final model alone (AUC 0.800
+vs 0.775, paired difference +0.025 [+0.013, +0.038]; balanced accuracy
+0.730 vs 0.720; docs/results/slides/composition.md). ``"final"`` uses the
+final model alone.
 
 Example::
 
@@ -222,11 +225,11 @@ def average_members(outputs: list[tuple[dict, dict, dict]]) -> tuple[dict, dict,
 
 
 def predict(workdir: str, slides: str, out: str, top_k: int | None = None,
-            ensemble: str = "final") -> dict:
+            ensemble: str = "folds") -> dict:
   """Predicts every slide of ``slides``; returns {head: prob [S, T]} and writes files.
 
-  ``ensemble``: ``"final"`` (the final model) or ``"folds"`` (the final
-  model and the fold models, averaged; see the module docstring).
+  ``ensemble``: ``"folds"`` (the final model and the fold models, averaged;
+  see the module docstring) or ``"final"`` (the final model alone).
   """
   from slamjax import report
   from slamjax import sharding

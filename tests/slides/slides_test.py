@@ -161,9 +161,9 @@ def test_readme_commands_cross_validate_and_predict(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "galleries", f"{p['slide_id']}.png"))
   assert "# slamjax predictions" in pathlib.Path(os.path.join(out, "report.md")).read_text()
 
-  # --ensemble folds: the mean of the fold models and the final model.
+  # The default, --ensemble folds: the mean of the fold models and the final model.
   from slamjax import sharding
-  ens = predict.predict(wd, new, str(tmp_path / "ens"), ensemble="folds")
+  ens = predict.predict(wd, new, str(tmp_path / "ens"))
   cfg, _, complete = predict.load_final(wd)
   used = predict.members(wd, "folds", complete["fingerprint"])
   assert [n for n, _ in used] == ["fold0", "fold1", "final"]
@@ -175,6 +175,8 @@ def test_readme_commands_cross_validate_and_predict(tmp_path, capsys):
   np.testing.assert_allclose(ens["abmil"], np.mean([e[1]["abmil"] for e in each], 0),
                              rtol=1e-6)
   assert not np.allclose(ens["abmil"], each[-1][1]["abmil"])  # not the final model alone
+  alone = predict.predict(wd, new, str(tmp_path / "alone"), ensemble="final")
+  np.testing.assert_allclose(alone["abmil"], each[-1][1]["abmil"], rtol=1e-6)
   ens_rows = _rows(os.path.join(tmp_path, "ens", "predictions.csv"))
   thr = np.mean([e[0]["thresholds"]["abmil"][0] for e in each])
   assert all(abs(float(r["threshold_label"]) - thr) < 1e-3 for r in ens_rows)
