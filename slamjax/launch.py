@@ -35,8 +35,6 @@ def prepare(cfg, workdir: str):
   """
   try:
     validation.validate(cfg)  # before any data is loaded
-  except runtime.InputError:
-    raise
   except ValueError as e:
     raise runtime.InputError(f"bad config: {runtime.one_line(e)}") from e
   runtime.check_data_root(cfg)  # before the runner makes the workdir
