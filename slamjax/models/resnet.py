@@ -13,12 +13,13 @@ interchangeable.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> model = Encoder(width=16, proj_dims=(64, 64))
+  >>> model = Encoder(width=4, proj_dims=(16, 16))
   >>> x = jnp.zeros((2, 32, 32, 3))
-  >>> variables = model.init(jax.random.key(0), x, train=False)
-  >>> feats, z = model.apply(variables, x, train=False)
+  >>> variables = jax.jit(model.init, static_argnames="train")(
+  ...     jax.random.key(0), x, train=False)
+  >>> feats, z = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
   >>> feats.shape, z.shape
-  ((2, 128), (2, 64))
+  ((2, 32), (2, 16))
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def test_misspelt_config_is_one_line_naming_the_configs(tmp_path):
   assert "default, features_folder" in lines[0] and "slides, witness_study" in lines[0]
 
 
+@pytest.mark.slow  # two interpreters with JAX and TensorFlow: 5-18 s
 def test_missing_data_root_is_one_line_before_the_workdir(tmp_path):
   # From another directory: configs/slides.py is found in the repository.
   wd = tmp_path / "wd"
