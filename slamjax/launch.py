@@ -1,6 +1,7 @@
 """The setup every runner shares, done once per command before its work
-starts: the config checked, the inputs found, process-wide settings made,
-the device mesh built.
+starts: the config checked, the inputs found, the device mesh built.
+Process-wide settings (:func:`slamjax.runtime.setup`) stay with the entry
+points, so a runner called from a notebook leaves its process as it was.
 
 ``python -m slamjax.main`` calls :func:`prepare` and hands the mesh to the
 runner; a runner called as a library (``pipeline.train_and_evaluate(cfg,
@@ -24,8 +25,8 @@ from slamjax.models import pretrained
 
 
 def prepare(cfg, workdir: str):
-  """Checks ``cfg`` and its inputs, makes process-wide settings, and returns
-  the device mesh of ``config.mesh``; creates nothing on disk.
+  """Checks ``cfg`` and its inputs and returns the device mesh of
+  ``config.mesh``; creates nothing on disk and changes no process setting.
 
   Raises:
     runtime.InputError: a bad config, a missing ``data.root``, or a
@@ -42,5 +43,4 @@ def prepare(cfg, workdir: str):
     raise runtime.InputError(f"--workdir={workdir} is a file; give a folder (it is "
                              "created if missing)")
   pretrained.check(cfg)  # a bad model.init_from fails before any data is decoded
-  runtime.setup()
   return sharding.make_mesh(cfg.mesh.data)

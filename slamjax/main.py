@@ -125,7 +125,9 @@ def run(cfg, workdir: str) -> None:
   import jax
   from slamjax import launch
   from slamjax import runners
+  from slamjax import runtime
   mesh = launch.prepare(cfg, workdir)  # once: the runner trusts it
+  runtime.setup()  # process-wide: entry points only
   print(f"slamjax: {jax.process_count()} process(es), {jax.device_count()} "
         f"{jax.default_backend()} device(s)", flush=True)
   runners.get(cfg.runner)(cfg, workdir, mesh=mesh)
